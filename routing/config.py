@@ -1,0 +1,91 @@
+"""Routing policy settings: capabilities of each backend, score weights, task rules.
+
+Plain pydantic models, validated once at start. They import neither Ray, torch nor FastAPI.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Modality = Literal["text", "image", "grid"]
+
+Task = Literal[
+    "text_generation",
+    "code_generation",
+    "code_analysis",
+    "code_repair",
+    "long_context",
+    "streaming",
+    "iterative_refinement",
+    "reasoning",
+    "puzzle_solving",
+    "image_classification",
+]
+TASKS: tuple[str, ...] = get_args(Task)  # the tasks of DESIGN.md; an explicit `task` outside them is a 400
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Capability(Strict):
+    """What one backend can do, as the router sees it."""
+
+    modalities: list[Modality] = Field(description="Input kinds the backend accepts.", min_length=1)
+    tasks: dict[Task, float] = Field(
+        description="Task affinity in [0, 1]; a task missing here (or 0) is one the backend does not serve."
+    )
+    strength: float = Field(0.5, ge=0, le=1, description="Output quality relative to the other backends.")
+    efficiency: float = Field(0.5, ge=0, le=1, description="Resource efficiency: 1 is the cheapest to run.")
+    max_context: int = Field(gt=0, description="Longest prompt plus new tokens the backend accepts.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _affinity_range(cls, tasks: dict[str, float]) -> dict[str, float]:
+        bad = {t: a for t, a in tasks.items() if not 0 <= a <= 1}
+        if bad:
+            raise ValueError(f"task affinities must lie in [0, 1], got {bad}")
+        return tasks
+
+
+class Weights(Strict):
+    """Score = task * affinity + strength * strength + efficiency * efficiency + headroom * headroom."""
+
+    task: float = Field(0.4, ge=0, description="Weight of the backend's affinity for the task.")
+    strength: float = Field(0.2, ge=0, description="Weight of the backend's strength.")
+    efficiency: float = Field(0.2, ge=0, description="Weight of the backend's resource efficiency.")
+    headroom: float = Field(0.2, ge=0, description="Weight of the free share of the backend's context.")
+    load: float = Field(
+        0.1, ge=0, le=1, description="Score is multiplied by (1 - load * busy share) for live load."
+    )
+
+
+class Rule(Strict):
+    """Infers (or upgrades) the task from request features.
+
+    A rule without `from_tasks` applies only while the task is still unknown (no explicit task).
+    A rule with `from_tasks` rewrites a task already known, explicit or inferred, when it is in that
+    list: the long-document rule turns text generation into long_context.
+    A rule matches when any of its conditions holds.
+    """
+
+    name: str = Field(description="Shown in the decision's reason and the routing log.")
+    task: Task = Field(description="The task the rule assigns.")
+    from_tasks: list[Task] | None = Field(None, description="Tasks this rule rewrites; null: unknown task only.")
+    min_tokens: int | None = Field(None, gt=0, description="Prompt plus documents of at least this many tokens.")
+    min_pages: int | None = Field(None, gt=0, description="Documents spanning at least this many pages.")
+    keywords: list[str] = Field(default_factory=list, description="Whole words or phrases, case-insensitive.")
+
+    @model_validator(mode="after")
+    def _has_condition(self) -> Rule:
+        if self.min_tokens is None and self.min_pages is None and not self.keywords:
+            raise ValueError(f"rule {self.name!r} needs min_tokens, min_pages or keywords")
+        return self
+
+
+class RoutingConfig(Strict):
+    weights: Weights = Field(default_factory=Weights, description="Score weights.")
+    default_task: Task = Field("text_generation", description="Task when neither request nor rule names one.")
+    rules: list[Rule] = Field(default_factory=list, description="Task rules, tried in order; first match wins.")

@@ -1,0 +1,162 @@
+"""The routing decision: hard filters, then a weighted score, then an ordered fallback plan.
+
+Plain functions over plain data (no Ray, torch or FastAPI), so a decision costs microseconds
+and every case is a table row in tests/unit/test_policy.py.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from routing.config import TASKS, Capability, RoutingConfig, Rule
+from routing.features import Features
+
+ErrorKind = Literal["invalid", "not_found", "unavailable"]
+
+
+class RoutingError(Exception):
+    """No backend can take the request. `kind` says whose fault: the request's or capacity's."""
+
+    def __init__(self, message: str, kind: ErrorKind, param: str | None = None):
+        super().__init__(message)
+        self.message, self.kind, self.param = message, kind, param
+
+
+@dataclass
+class BackendState:
+    """What the router knows live about a backend."""
+
+    healthy: bool = True
+    in_flight: int = 0
+    capacity: int = 1  # requests it takes at once (replicas x max_ongoing_requests)
+
+    @property
+    def busy(self) -> float:
+        return min(1.0, self.in_flight / max(1, self.capacity))
+
+
+@dataclass(frozen=True)
+class Decision:
+    backend: str
+    fallbacks: tuple[str, ...]
+    task: str
+    task_source: str  # "explicit", "rule:NAME", "default"
+    reason: str
+    scores: dict[str, float]  # every backend's score, filtered ones included
+    excluded: dict[str, str] = field(default_factory=dict)  # backend -> why it is not a candidate
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        return (self.backend, *self.fallbacks)
+
+
+class _CompiledRule:
+    def __init__(self, rule: Rule):
+        self.rule = rule
+        words = "|".join(re.escape(k) for k in rule.keywords)
+        self.pattern = re.compile(rf"\b(?:{words})\b", re.IGNORECASE) if words else None
+
+    def match(self, f: Features) -> str | None:
+        """Why the rule matches, or None."""
+        r = self.rule
+        if r.min_tokens is not None and f.tokens >= r.min_tokens:
+            return f"{f.tokens} tokens >= {r.min_tokens}"
+        if r.min_pages is not None and f.pages >= r.min_pages:
+            return f"{f.pages} pages >= {r.min_pages}"
+        if self.pattern is not None and (m := self.pattern.search(f.text)):
+            return f"keyword {m.group(0).lower()!r}"
+        return None
+
+
+class Policy:
+    def __init__(
+        self,
+        backends: Mapping[str, Capability],
+        config: RoutingConfig,
+        adapters: Mapping[str, Collection[str]] | None = None,
+    ):
+        if not backends:
+            raise ValueError("routing needs at least one backend")
+        self.backends = dict(backends)
+        self.adapters = {name: frozenset(a) for name, a in (adapters or {}).items()}
+        self.config = config
+        self._infer = [_CompiledRule(r) for r in config.rules if r.from_tasks is None]
+        self._upgrade = [_CompiledRule(r) for r in config.rules if r.from_tasks is not None]
+
+    def infer_task(self, f: Features) -> tuple[str, str, str]:
+        """(task, source, why). Order: explicit, then rules for an unknown task, then the default;
+        then rules that rewrite a known task (a long document turns text generation into long_context)."""
+        if f.task is not None:
+            if f.task not in TASKS:
+                raise RoutingError(f"unknown task {f.task!r}; known tasks: {', '.join(TASKS)}", "invalid", "task")
+            task, source, why = f.task, "explicit", "given in the request"
+        else:
+            task, source, why = self.config.default_task, "default", "no rule matched"
+            for c in self._infer:
+                if (reason := c.match(f)) is not None:
+                    task, source, why = c.rule.task, f"rule:{c.rule.name}", reason
+                    break
+        for c in self._upgrade:
+            if task in c.rule.from_tasks and (reason := c.match(f)) is not None:
+                return c.rule.task, f"rule:{c.rule.name}", reason
+        return task, source, why
+
+    def score(self, name: str, task: str, f: Features, state: BackendState | None) -> float:
+        cap, w = self.backends[name], self.config.weights
+        headroom = max(0.0, 1.0 - (f.tokens + f.max_new_tokens) / cap.max_context)
+        s = w.task * cap.tasks.get(task, 0.0) + w.strength * cap.strength + w.efficiency * cap.efficiency
+        s += w.headroom * headroom
+        if state is not None:
+            s *= 1.0 - w.load * state.busy
+        return round(s, 6)
+
+    def _exclusion(self, name: str, task: str, f: Features, state: BackendState | None) -> str | None:
+        """Why `name` cannot take the request, or None. Checked cheapest first."""
+        cap = self.backends[name]
+        if f.modality not in cap.modalities:
+            return f"does not accept {f.modality} input"
+        if f.backend is None and cap.tasks.get(task, 0.0) <= 0:
+            return f"does not serve task {task}"
+        if f.adapter is not None and f.adapter not in self.adapters.get(name, ()):
+            return f"has no adapter {f.adapter!r}"
+        need = f.tokens + f.max_new_tokens
+        if need > cap.max_context:
+            return f"context {cap.max_context} < {f.tokens} prompt + {f.max_new_tokens} new tokens"
+        if state is not None and not state.healthy:
+            return "unhealthy"
+        return None
+
+    def decide(self, f: Features, states: Mapping[str, BackendState] | None = None) -> Decision:
+        states = states or {}
+        if f.backend is not None and f.backend not in self.backends:
+            known = ", ".join(["auto", *self.backends])
+            raise RoutingError(f"model {f.backend!r} does not exist; available: {known}", "not_found", "model")
+        task, source, why = self.infer_task(f)
+        names = [f.backend] if f.backend is not None else list(self.backends)
+        scores = {n: self.score(n, task, f, states.get(n)) for n in self.backends}
+        excluded = {}
+        for n in names:
+            if (reason := self._exclusion(n, task, f, states.get(n))) is not None:
+                excluded[n] = reason
+        ranked = sorted((n for n in names if n not in excluded), key=lambda n: -scores[n])
+        if not ranked:
+            raise _no_route(f, task, excluded)
+        best = ranked[0]
+        how = "pinned by model" if f.backend is not None else f"best score {scores[best]:.3f}"
+        reason = f"task {task} ({source}: {why}); {best}: {how}"
+        return Decision(best, tuple(ranked[1:]), task, source, reason, scores, excluded)
+
+
+def _no_route(f: Features, task: str, excluded: dict[str, str]) -> RoutingError:
+    detail = "; ".join(f"{n} {why}" for n, why in excluded.items())
+    if f.adapter is not None and all("adapter" in why for why in excluded.values()):
+        return RoutingError(f"model {f.backend}:{f.adapter} does not exist: {detail}", "not_found", "model")
+    if excluded and all(why == "unhealthy" for why in excluded.values()):
+        return RoutingError(f"no healthy backend for task {task}: {detail}", "unavailable")
+    if any(why == "unhealthy" for why in excluded.values()):
+        return RoutingError(f"no backend can serve this request now: {detail}", "unavailable")
+    param = "messages" if any(why.startswith("context") for why in excluded.values()) else "model"
+    return RoutingError(f"no backend can serve this request: {detail}", "invalid", param)

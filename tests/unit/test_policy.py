@@ -1,0 +1,183 @@
+"""Table-driven tests of routing/ on the shipped serve_config.yaml: no Ray, no torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deployments.config import AppConfig
+from routing.config import Capability, RoutingConfig, Rule
+from routing.features import Document, Features, count_pages, split_model, text_features
+from routing.policy import BackendState, Policy, RoutingError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def cfg() -> AppConfig:
+    return AppConfig.model_validate(yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"])
+
+
+@pytest.fixture(scope="module")
+def policy(cfg: AppConfig) -> Policy:
+    return Policy({b.name: b.capability for b in cfg.backends}, cfg.routing,
+                  adapters={"transformer": ["sql"]})
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def feat(prompt: str = "hello there", *, tokens: int | None = None, docs=(), model="auto", task=None,
+         modality="text", max_new=64, endpoint="chat") -> Features:
+    f = text_features(endpoint=endpoint, prompt=prompt, documents=list(docs), count_tokens=words,
+                      max_new_tokens=max_new, model=model, task=task, modality=modality)
+    if tokens is not None:
+        f = Features(**{**f.__dict__, "tokens": tokens})
+    return f
+
+
+# (case, features, backend, fallbacks, task, task_source)
+CASES = [
+    ("short chat goes to the transformer", feat(), "transformer", ("mamba",), "text_generation", "default"),
+    ("4096 tokens is long context", feat(tokens=4096), "mamba", ("transformer",), "long_context", "rule:long_document"),
+    ("4095 tokens is not", feat(tokens=4095), "transformer", ("mamba",), "text_generation", "default"),
+    ("5000 tokens goes to mamba", feat(tokens=5000), "mamba", ("transformer",), "long_context", "rule:long_document"),
+    ("beyond the transformer's context: mamba alone", feat(tokens=9000), "mamba", (), "long_context",
+     "rule:long_document"),
+    ("3 pages", feat(docs=[Document("a", 1), Document("b", 2), Document("c", 3)]), "mamba", ("transformer",),
+     "long_context", "rule:long_document"),
+    ("2 pages", feat(docs=[Document("a", 1), Document("b", 2)]), "transformer", ("mamba",), "text_generation",
+     "default"),
+    ("same page twice counts once", feat(docs=[Document("a", 1), Document("b", 1), Document("c", 2)]),
+     "transformer", ("mamba",), "text_generation", "default"),
+    ("keyword", feat("summarise the appellate ruling"), "mamba", ("transformer",), "long_context",
+     "rule:long_document"),
+    ("keyword phrase, any case", feat("what did the Supreme Court say"), "mamba", ("transformer",),
+     "long_context", "rule:long_document"),
+    ("keyword is a whole word", feat("the cases were reordered"), "transformer", ("mamba",), "text_generation",
+     "default"),
+    ("explicit task wins over rules", feat("fix this bug", task="long_context"), "mamba", ("transformer",),
+     "long_context", "explicit"),
+    ("explicit text task is still upgraded by size", feat(tokens=6000, task="text_generation"), "mamba",
+     ("transformer",), "long_context", "rule:long_document"),
+    ("explicit code task is not upgraded; headroom favours mamba", feat(tokens=6000, task="code_generation"),
+     "mamba", ("transformer",), "code_generation", "explicit"),
+    ("short explicit code task", feat(tokens=500, task="code_generation"), "transformer", ("mamba",),
+     "code_generation", "explicit"),
+    ("code repair keyword", feat("please fix this bug"), "transformer", (), "code_repair", "rule:code_repair"),
+    ("code generation keyword", feat("implement a parser"), "transformer", ("mamba",), "code_generation",
+     "rule:code_generation"),
+    ("code analysis goes to mamba", feat("x", task="code_analysis"), "mamba", ("transformer",), "code_analysis",
+     "explicit"),
+    ("streaming prefers mamba", feat("x", task="streaming"), "mamba", ("transformer",), "streaming", "explicit"),
+    ("pinned backend, no fallback", feat(model="mamba"), "mamba", (), "text_generation", "default"),
+    ("pinned adapter", feat(model="transformer:sql"), "transformer", (), "text_generation", "default"),
+    ("auto with an adapter keeps to backends that have it", feat(model="auto:sql"), "transformer", (),
+     "text_generation", "default"),
+    ("grid to trm", feat("", modality="grid", task="puzzle_solving", max_new=0, endpoint="refine"), "trm", (),
+     "puzzle_solving", "explicit"),
+    ("image to dinov2", feat("", modality="image", task="image_classification", max_new=0, endpoint="classify"),
+     "dinov2", (), "image_classification", "explicit"),
+]
+
+
+@pytest.mark.parametrize("case,f,backend,fallbacks,task,source", CASES, ids=[c[0] for c in CASES])
+def test_decision(policy: Policy, case, f, backend, fallbacks, task, source):
+    d = policy.decide(f)
+    assert (d.backend, d.fallbacks, d.task, d.task_source) == (backend, fallbacks, task, source), d.reason
+    assert set(d.scores) == set(policy.backends)
+    assert d.backend in d.reason
+
+
+# (case, features, states, kind, text in the message)
+ERRORS = [
+    ("unknown model", feat(model="gpt-4"), {}, "not_found", "does not exist"),
+    ("unknown adapter", feat(model="transformer:nope"), {}, "not_found", "adapter"),
+    ("unknown task", feat(task="poetry"), {}, "invalid", "unknown task"),
+    ("text to trm", feat(model="trm"), {}, "invalid", "does not accept text"),
+    ("too long for everyone", feat(tokens=70000), {}, "invalid", "context"),
+    ("image in chat", feat(modality="image"), {}, "invalid", "does not accept image"),
+    ("only candidate unhealthy", feat(model="mamba"), {"mamba": BackendState(healthy=False)}, "unavailable",
+     "unhealthy"),
+    ("both LMs unhealthy", feat(), {"mamba": BackendState(healthy=False), "transformer": BackendState(healthy=False)},
+     "unavailable", "healthy"),
+    ("long prompt, mamba down, too long for the transformer", feat(tokens=9000),
+     {"mamba": BackendState(healthy=False)}, "unavailable", "mamba unhealthy"),
+]
+
+
+@pytest.mark.parametrize("case,f,states,kind,text", ERRORS, ids=[c[0] for c in ERRORS])
+def test_no_route(policy: Policy, case, f, states, kind, text):
+    with pytest.raises(RoutingError) as err:
+        policy.decide(f, states)
+    assert err.value.kind == kind
+    assert text in err.value.message
+
+
+def test_unhealthy_backend_is_skipped(policy: Policy):
+    d = policy.decide(feat(tokens=5000), {"mamba": BackendState(healthy=False)})
+    assert (d.backend, d.fallbacks) == ("transformer", ())
+    assert d.excluded == {"mamba": "unhealthy", "trm": "does not accept text input",
+                          "dinov2": "does not accept text input"}
+
+
+def test_load_lowers_the_score(policy: Policy):
+    idle = policy.decide(feat())
+    busy = policy.decide(feat(), {"transformer": BackendState(in_flight=8, capacity=8)})
+    assert busy.scores["transformer"] == pytest.approx(idle.scores["transformer"] * 0.9)
+    assert busy.scores["mamba"] == idle.scores["mamba"]
+
+
+def test_score_follows_the_weights(policy: Policy):
+    f = feat(tokens=1000, max_new=24)
+    cap = policy.backends["transformer"]
+    expected = 0.4 * 1.0 + 0.2 * cap.strength + 0.2 * cap.efficiency + 0.2 * (1 - 1024 / cap.max_context)
+    assert policy.decide(f).scores["transformer"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_heavy_load_can_flip_the_choice():
+    caps = {"a": Capability(modalities=["text"], tasks={"text_generation": 1.0}, max_context=100),
+            "b": Capability(modalities=["text"], tasks={"text_generation": 0.9}, max_context=100)}
+    policy = Policy(caps, RoutingConfig(weights={"load": 0.5}))
+    f = feat(max_new=1, tokens=1)
+    assert policy.decide(f).backend == "a"
+    assert policy.decide(f, {"a": BackendState(in_flight=4, capacity=4)}).backend == "b"
+
+
+def test_rule_needs_a_condition():
+    with pytest.raises(ValueError, match="needs min_tokens"):
+        Rule(name="empty", task="long_context")
+
+
+def test_affinity_out_of_range():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        Capability(modalities=["text"], tasks={"text_generation": 1.5}, max_context=10)
+
+
+def test_unknown_config_key_is_refused():
+    with pytest.raises(ValueError, match="extra"):
+        RoutingConfig(weigths={})
+
+
+@pytest.mark.parametrize("model,expected", [("auto", (None, None)), ("mamba", ("mamba", None)),
+                                            ("transformer:sql", ("transformer", "sql")), ("auto:x", (None, "x"))])
+def test_split_model(model, expected):
+    assert split_model(model) == expected
+
+
+def test_count_pages():
+    assert count_pages([Document("a", 1), Document("b", 1), Document("c")]) == 2
+    assert count_pages([]) == 0
+
+
+def test_app_config_rejects_duplicates_and_reserved(cfg: AppConfig):
+    args = cfg.model_dump()
+    args["backends"].append(args["backends"][0])
+    with pytest.raises(ValueError, match="unique"):
+        AppConfig.model_validate(args)
+    args["backends"][-1] = {**args["backends"][0], "name": "router"}
+    with pytest.raises(ValueError, match="reserved"):
+        AppConfig.model_validate(args)
