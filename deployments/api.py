@@ -1,0 +1,128 @@
+"""HTTP request bodies and response shapes (OpenAI's where OpenAI has one)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from routing.config import Task
+from routing.features import Document
+
+
+class Body(BaseModel):
+    # OpenAI clients send fields Switchyard does not use (presence_penalty, user...): ignored.
+    model_config = ConfigDict(extra="ignore")
+
+
+class DocumentIn(Body):
+    text: str
+    page: int | None = Field(None, ge=0)
+
+
+class TextPart(Body):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(Body):
+    url: str
+
+
+class ImagePart(Body):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(Body):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[Part] | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "\n".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def has_image(self) -> bool:
+        return isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content)
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class _Generation(Body):
+    model: str = Field("auto", min_length=1, description="`auto`, a backend name, or `backend:adapter`.")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: Literal[1] = Field(1, description="Switchyard returns one choice.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True, description="Up to 4 stop strings.")
+    seed: int | None = None
+    task: Task | None = Field(None, description="Explicit task; otherwise inferred.")
+    documents: list[DocumentIn] = Field(default_factory=list, description="Text with page numbers.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+    def docs(self) -> list[Document]:
+        return [Document(d.text, d.page) for d in self.documents]
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def new_tokens(self, default: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or default
+
+
+class CompletionRequest(_Generation):
+    prompt: str
+    echo: Literal[False] = False
+
+    def new_tokens(self, default: int) -> int:
+        return self.max_tokens or default
+
+
+Grid = Annotated[
+    list[Annotated[list[Annotated[int, Field(ge=0, le=9)]], Field(min_length=9, max_length=9)]],
+    Field(min_length=9, max_length=9, description="9 rows of 9 integers, 0 = blank."),
+]
+
+
+class RefineRequest(Body):
+    task: Literal["sudoku"] = "sudoku"
+    grid: Grid
+    model: str = Field("auto", min_length=1)
+    max_steps: int | None = Field(None, ge=1, description="Supervision steps at most; the backend's default if unset.")
+    halt_threshold: float | None = Field(None, gt=0, le=1, description="Halting probability that stops refinement.")
+
+
+class ClassifyRequest(Body):
+    image: str = Field(min_length=1, description="Base64 PNG or JPEG, or a data: URI.")
+    model: str = Field("auto", min_length=1)
+
+
+def openai_error(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())

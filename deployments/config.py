@@ -1,0 +1,113 @@
+"""The application's typed arguments: `args:` of serve_config.yaml, validated once by build_app.
+
+A mistake fails at start with the path of the bad value (pydantic's message), not at the first request.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from routing.config import Capability, RoutingConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeploymentOptions(Strict):
+    """Ray Serve deployment options, passed to `serve.deployment` as they are."""
+
+    num_replicas: int | Literal["auto"] = Field(1, description="Replicas, or 'auto' with autoscaling_config.")
+    max_ongoing_requests: int = Field(8, gt=0, description="Requests one replica runs at once.")
+    max_queued_requests: int = Field(-1, ge=-1, description="Requests a caller may queue; -1 is unbounded.")
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=dict, description="num_cpus, num_gpus, resources (custom node resources), memory."
+    )
+    autoscaling_config: dict[str, Any] | None = Field(None, description="Serve autoscaling (min/max replicas...).")
+    health_check_period_s: float = Field(10, gt=0, description="Seconds between check_health calls.")
+    health_check_timeout_s: float = Field(30, gt=0, description="A check_health slower than this fails.")
+    graceful_shutdown_timeout_s: float = Field(20, ge=0, description="Wait for in-flight requests on shutdown.")
+
+    def options(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class BackendBase(Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$", description="Deployment name; the `model` users ask for.")
+    model: str = Field(description="`embedded:NAME`, a local checkpoint directory, or a hub id.")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1.")
+    capability: Capability = Field(description="What the router may send here.")
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+
+class LMBackend(BackendBase):
+    """A causal language model (Llama-like or Mamba) behind the engine interface."""
+
+    kind: Literal["lm"]
+    engine: str = Field(
+        "hf", description="`hf`, or `module:Class` of an Engine subclass taking the same arguments."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights' dtype.")
+    adapters: dict[str, str] = Field(default_factory=dict, description="peft LoRA adapters: name -> path.")
+
+
+class TRMBackend(BackendBase):
+    """The Tiny Recursive Model refining 9x9 sudoku grids."""
+
+    kind: Literal["trm"]
+    max_steps: int = Field(16, gt=0, description="Default supervision steps when a request names none.")
+    max_steps_limit: int = Field(64, gt=0, description="Largest max_steps a request may ask for.")
+    halt_threshold: float = Field(0.5, gt=0, le=1, description="Default halting probability to stop a sample.")
+
+    @model_validator(mode="after")
+    def _steps(self) -> TRMBackend:
+        if self.max_steps > self.max_steps_limit:
+            raise ValueError(f"max_steps {self.max_steps} is above max_steps_limit {self.max_steps_limit}")
+        return self
+
+
+class ClassifierBackend(BackendBase):
+    """DINOv2 embeddings plus a linear head."""
+
+    kind: Literal["classifier"]
+    backbone: str | None = Field(None, description="Hub id or path of the backbone, if not in `model`.")
+    max_image_bytes: int = Field(8 << 20, gt=0, description="Largest encoded image accepted.")
+    max_pixels: int = Field(4096 * 4096, gt=0, description="Largest width x height accepted.")
+    label_adapters: dict[str, str] = Field(
+        default_factory=dict, description="Label -> transformer adapter that the label selects."
+    )
+
+
+Backend = Annotated[LMBackend | TRMBackend | ClassifierBackend, Field(discriminator="kind")]
+
+
+class RouterConfig(Strict):
+    tokenizer: str = Field(
+        "embedded:tiny-llama", description="Tokenizer that counts prompt tokens for routing (the serving one)."
+    )
+    request_timeout_s: float = Field(60, gt=0, description="Deadline of one request, fallbacks included.")
+    max_tokens: int = Field(1024, gt=0, description="Largest max_tokens a request may ask for (400 above).")
+    default_max_tokens: int = Field(256, gt=0, description="max_tokens of a request that names none.")
+    routing_log_size: int = Field(1000, gt=0, description="Decisions kept for GET /v1/routing/log.")
+    unhealthy_after: int = Field(
+        3, gt=0, description="Consecutive failed calls after which the router avoids a backend for a cooldown."
+    )
+    unhealthy_cooldown_s: float = Field(10, ge=0, description="How long the router avoids a failing backend.")
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+
+class AppConfig(Strict):
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    backends: list[Backend] = Field(min_length=1, description="One deployment each.")
+
+    @model_validator(mode="after")
+    def _names(self) -> AppConfig:
+        names = [b.name for b in self.backends]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"backend names must be unique; repeated: {dupes}")
+        if reserved := {"auto", "router"} & set(names):
+            raise ValueError(f"{sorted(reserved)} are reserved names and cannot name a backend")
+        return self

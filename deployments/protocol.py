@@ -1,0 +1,46 @@
+"""What crosses the handle boundary between the router and a backend besides results.
+
+Backends return errors as values: `Failure("invalid", ...)` when the request is at fault
+(the router answers 4xx and does not fall back), `Failure("internal", ...)` when the backend
+is (the router falls back). Exceptions that still cross (a dead replica) mean the same as internal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+from models.engine import InvalidRequest
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: Literal["invalid", "internal"]
+    message: str
+
+
+def _failure(exc: Exception) -> Failure:
+    if isinstance(exc, InvalidRequest):
+        return Failure("invalid", str(exc))
+    logger.exception("backend call failed")
+    return Failure("internal", f"{type(exc).__name__}: {exc}")
+
+
+async def as_value(call: Awaitable[T]) -> T | Failure:
+    try:
+        return await call
+    except Exception as exc:  # noqa: BLE001 - every error becomes a value for the router
+        return _failure(exc)
+
+
+async def stream_values(stream: AsyncIterator[T]) -> AsyncIterator[T | Failure]:
+    try:
+        async for item in stream:
+            yield item
+    except Exception as exc:  # noqa: BLE001 - the router sees it before or after the first byte
+        yield _failure(exc)

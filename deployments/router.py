@@ -1,0 +1,519 @@
+"""The router: FastAPI ingress, routing.Policy for the decision, handles for the calls, fallback.
+
+Status codes are chosen here and only here (STYLE 7): backends answer with values, the policy
+raises RoutingError, and the handlers below turn both into OpenAI-shaped errors.
+"""
+
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, RequestCancelledError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.api import (
+    ChatCompletionRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    RefineRequest,
+    new_id,
+    now,
+    openai_error,
+)
+from deployments.config import AppConfig
+from deployments.protocol import Failure
+from models.engine import Completion, Delta, GenerationRequest
+from routing.features import Features, split_model, text_features
+from routing.policy import BackendState, Decision, Policy, RoutingError
+from training.defaults import resolve_model
+
+logger = logging.getLogger(__name__)
+
+app = FastAPI(title="Switchyard", version="0.1.0", description="One endpoint for several model architectures.")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+
+
+_ROUTING_STATUS = {"invalid": 400, "not_found": 404, "unavailable": 503}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
+          429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+
+
+def _error(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None,
+           type_: str | None = None) -> JSONResponse:
+    type_ = type_ or _TYPES.get(status, "internal_server_error" if status >= 500 else "invalid_request_error")
+    return JSONResponse(openai_error(message, type_, param), status_code=status, headers=headers)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return _error(exc.status, exc.message, exc.param, exc.headers, exc.type)
+
+
+@app.exception_handler(RoutingError)
+async def _routing_error(_: Request, exc: RoutingError) -> JSONResponse:
+    status = _ROUTING_STATUS[exc.kind]
+    headers = {"Retry-After": "5"} if status == 503 else None
+    return _error(status, exc.message, exc.param, headers, "model_not_found" if status == 404 else None)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error(400, *_describe(exc.errors()))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error in the router")
+    return _error(500, "internal error; the router's log has the details", type_="internal_server_error")
+
+
+def _describe(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """pydantic's errors as one message and the first offending field, without echoing input."""
+    parts, param = [], None
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        if e.get("type") == "json_invalid":
+            return f"request body is not valid JSON: {e.get('ctx', {}).get('error', e['msg'])}", None
+        param = param or loc or None
+        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+    return "; ".join(parts) or "invalid request", param
+
+
+async def _json_body(request: Request, model: type) -> Any:
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw or b"null")
+    except ValidationError as exc:
+        raise ApiError(400, *_describe(exc.errors())) from None
+
+
+@dataclass
+class _Attempt:
+    backend: str
+    error: str
+
+
+@dataclass
+class _Outcome:
+    """What happened to one request, for headers, the JSON body and the routing log."""
+
+    decision: Decision
+    served_by: str | None = None
+    attempts: list[_Attempt] = field(default_factory=list)
+
+    def headers(self) -> dict[str, str]:
+        h = {"x-switchyard-backend": self.served_by or "", "x-switchyard-reason": _ascii(self.decision.reason)}
+        if self.fallback:
+            h["x-switchyard-fallback"] = _ascii("; ".join(f"{a.backend}: {a.error}" for a in self.attempts))
+        return h
+
+    @property
+    def fallback(self) -> bool:
+        return bool(self.attempts)
+
+    def body(self) -> dict[str, Any]:
+        d = self.decision
+        return {"backend": self.served_by, "task": d.task, "reason": d.reason, "fallback": self.fallback,
+                "attempts": [asdict(a) for a in self.attempts]}
+
+
+def _ascii(s: str) -> str:
+    return s.encode("ascii", "replace").decode()[:512]
+
+
+def _capacity(replicas: int | str, per_replica: int) -> int:
+    return (replicas if isinstance(replicas, int) else 1) * per_replica
+
+
+async def _image_from(request: Request) -> tuple[bytes, str]:
+    """The image bytes and `model` from a JSON body (base64 or data URI) or a multipart upload."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        upload = form.get("image") or form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "multipart body needs a file field named 'image'", param="image")
+        return await upload.read(), str(form.get("model") or "auto")
+    body = await _json_body(request, ClassifyRequest)
+    data = body.image.split(",", 1)[1] if body.image.startswith("data:") else body.image
+    try:
+        return base64.b64decode(data, validate=True), body.model
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "image is not valid base64", param="image") from None
+
+
+def _completion_body(result: Completion, chat: bool, model: str, out: _Outcome) -> dict[str, Any]:
+    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+             "total_tokens": result.prompt_tokens + result.completion_tokens}
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                  "finish_reason": result.finish_reason, "logprobs": None}
+        return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": model,
+                "choices": [choice], "usage": usage, "switchyard": out.body()}
+    choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+    return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": model,
+            "choices": [choice], "usage": usage, "switchyard": out.body()}
+
+
+async def _sse(gen: Any, first: Delta, chat: bool, model: str, out: _Outcome, deadline: float,
+               include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI chunk events from backend deltas; ends with `data: [DONE]`. Cancels the backend's
+    generation when the client goes away (Starlette cancels this generator)."""
+    cid, created = new_id("chatcmpl" if chat else "cmpl"), now()
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str | None, finish: str | None, role: bool = False, **extra: Any) -> str:
+        if chat:
+            delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return "data: " + json.dumps({"id": cid, "object": obj, "created": created, "model": model,
+                                      "choices": [choice], **extra}) + "\n\n"
+
+    item: Delta | Failure = first
+    extra: dict[str, Any] = {"switchyard": out.body()}  # on the first chunk only
+    try:
+        if chat:
+            yield chunk("", None, role=True, **extra)
+            extra = {}
+        while True:
+            if isinstance(item, Failure):  # after the first byte no fallback is possible: say so
+                yield "data: " + json.dumps(openai_error(item.message, "internal_server_error")) + "\n\n"
+                break
+            if item.text:
+                yield chunk(item.text, None, **extra)
+                extra = {}
+            if item.finish_reason is not None:
+                yield chunk(None if chat else "", item.finish_reason, **extra)
+                if include_usage:
+                    usage = {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens,
+                             "total_tokens": item.prompt_tokens + item.completion_tokens}
+                    yield "data: " + json.dumps({"id": cid, "object": obj, "created": created, "model": model,
+                                                 "choices": [], "usage": usage}) + "\n\n"
+                break
+            try:
+                item = await asyncio.wait_for(gen.__anext__(), deadline - time.monotonic())
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                yield "data: " + json.dumps(openai_error("request deadline passed mid-stream", "timeout")) + "\n\n"
+                break
+            except (RayActorError, RayTaskError) as exc:
+                message = f"backend failed mid-stream: {type(exc).__name__}"
+                yield "data: " + json.dumps(openai_error(message, "internal_server_error")) + "\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        gen.cancel()
+
+
+# serve.ingress pickles the app when it decorates: everything the class uses is defined above.
+@serve.ingress(app)
+class Router:
+    def __init__(self, cfg: AppConfig, handles: dict[str, DeploymentHandle]):
+        self.cfg = cfg
+        self.handles = handles
+        self.kinds = {b.name: b.kind for b in cfg.backends}
+        self.policy = Policy(
+            {b.name: b.capability for b in cfg.backends},
+            cfg.routing,
+            adapters={b.name: list(getattr(b, "adapters", {})) for b in cfg.backends},
+        )
+        self.states = {
+            b.name: BackendState(capacity=_capacity(b.deployment.num_replicas, b.deployment.max_ongoing_requests))
+            for b in cfg.backends
+        }
+        self.unhealthy_until = {b.name: 0.0 for b in cfg.backends}
+        self.failures = {b.name: 0 for b in cfg.backends}  # consecutive failed calls
+        self.log: deque[dict[str, Any]] = deque(maxlen=cfg.router.routing_log_size)
+        self.started = now()
+        from transformers import AutoTokenizer  # the router process needs it only here
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.router.tokenizer))
+        self.count_tokens: Callable[[str], int] = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
+        self.label_adapters = {b.name: b.label_adapters for b in cfg.backends if b.kind == "classifier"}
+
+    # --- decision -------------------------------------------------------------------
+
+    def _decide(self, f: Features) -> Decision:
+        t = time.monotonic()
+        for name, state in self.states.items():
+            state.healthy = t >= self.unhealthy_until[name]
+        return self.policy.decide(f, self.states)
+
+    def _features(self, endpoint: str, body: ChatCompletionRequest | CompletionRequest) -> Features:
+        if isinstance(body, ChatCompletionRequest):
+            prompt = "\n".join(m.text() for m in body.messages)
+            modality = "image" if any(m.has_image() for m in body.messages) else "text"
+        else:
+            prompt, modality = body.prompt, "text"
+        max_new = body.new_tokens(self.cfg.router.default_max_tokens)
+        if max_new > self.cfg.router.max_tokens:
+            raise ApiError(400, f"max_tokens {max_new} is above this server's limit of {self.cfg.router.max_tokens}",
+                           param="max_tokens")
+        return text_features(endpoint=endpoint, prompt=prompt, documents=body.docs(), count_tokens=self.count_tokens,
+                             max_new_tokens=max_new, model=body.model, task=body.task, modality=modality)
+
+    # --- calls with fallback -------------------------------------------------------
+
+    async def _call(self, out: _Outcome, method: str, arg: Any, deadline: float) -> Any:
+        """Calls the decision's candidates in order until one answers; returns its result."""
+        for name in out.decision.candidates:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            state = self.states[name]
+            state.in_flight += 1
+            response = getattr(self.handles[name], method).remote(arg)
+            try:
+                result = await asyncio.wait_for(response, remaining)
+            except asyncio.TimeoutError:
+                response.cancel()
+                self._failed(out, name, f"no answer within the {self.cfg.router.request_timeout_s:g} s deadline")
+                break
+            except (RayActorError, RayTaskError, BackPressureError, RequestCancelledError) as exc:
+                self._failed(out, name, f"{type(exc).__name__}")
+                continue
+            finally:
+                state.in_flight -= 1
+            if isinstance(result, Failure):
+                if result.kind == "invalid":
+                    raise ApiError(400, result.message)
+                self._failed(out, name, result.message)
+                continue
+            self.failures[name] = 0
+            out.served_by = name
+            return result
+        raise self._exhausted(out, deadline)
+
+    def _failed(self, out: _Outcome, name: str, error: str) -> None:
+        logger.warning("backend %s failed: %s", name, error)
+        out.attempts.append(_Attempt(name, error))
+        self.failures[name] += 1
+        if self.failures[name] >= self.cfg.router.unhealthy_after:
+            self.unhealthy_until[name] = time.monotonic() + self.cfg.router.unhealthy_cooldown_s
+            self.failures[name] = 0
+
+    def _exhausted(self, out: _Outcome, deadline: float) -> ApiError:
+        tried = "; ".join(f"{a.backend}: {a.error}" for a in out.attempts) or "none"
+        if time.monotonic() >= deadline or any("deadline" in a.error for a in out.attempts):
+            return ApiError(504, f"request deadline passed; tried {tried}", type_="timeout")
+        retry = max(1, round(self.cfg.router.unhealthy_cooldown_s))
+        return ApiError(503, f"every capable backend failed; tried {tried}", type_="service_unavailable",
+                        headers={"Retry-After": str(retry)})
+
+    async def _open_stream(self, out: _Outcome, req: GenerationRequest, deadline: float
+                           ) -> tuple[Any, Delta]:
+        """Starts a stream on the first candidate that yields a first piece (fallback before any byte)."""
+        for name in out.decision.candidates:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            gen = self.handles[name].options(stream=True).stream.remote(req)
+            try:
+                first = await asyncio.wait_for(gen.__anext__(), remaining)
+            except asyncio.TimeoutError:
+                gen.cancel()
+                self._failed(out, name, "no first token before the deadline")
+                break
+            except (RayActorError, RayTaskError, BackPressureError, RequestCancelledError, StopAsyncIteration) as exc:
+                gen.cancel()
+                self._failed(out, name, type(exc).__name__)
+                continue
+            if isinstance(first, Failure):
+                gen.cancel()
+                if first.kind == "invalid":
+                    raise ApiError(400, first.message)
+                self._failed(out, name, first.message)
+                continue
+            self.failures[name] = 0
+            out.served_by = name
+            return gen, first
+        raise self._exhausted(out, deadline)
+
+    # --- logging ---------------------------------------------------------------------
+
+    def _record(self, endpoint: str, out: _Outcome | None, status: int, started: float, request_id: str) -> None:
+        d = out.decision if out else None
+        self.log.append({
+            "time": time.time(), "request_id": request_id, "endpoint": endpoint, "status": status,
+            "task": d.task if d else None, "task_source": d.task_source if d else None,
+            "chosen": d.backend if d else None, "backend": out.served_by if out else None,
+            "fallback": out.fallback if out else False, "attempts": [asdict(a) for a in out.attempts] if out else [],
+            "reason": d.reason if d else None, "latency_ms": round((time.perf_counter() - started) * 1e3, 2),
+        })
+
+    async def _served(self, endpoint: str, request: Request, decide: Callable[[], _Outcome],
+                      run: Callable[[_Outcome, float], Any]) -> Any:
+        """Decide, run with fallback within the deadline, and record the outcome whatever happens."""
+        started, request_id = time.perf_counter(), request.headers.get("x-request-id") or new_id("req")
+        deadline = time.monotonic() + self.cfg.router.request_timeout_s
+        out, status = None, 500
+        try:
+            out = decide()
+            response = await run(out, deadline)
+            status = response.status_code
+            return response
+        except ApiError as exc:
+            status = exc.status
+            if out is not None and out.served_by is None and out.attempts:
+                exc.headers = {**(exc.headers or {}), **out.headers()}
+            raise
+        except RoutingError as exc:
+            status = _ROUTING_STATUS[exc.kind]
+            raise
+        finally:
+            self._record(endpoint, out, status, started, request_id)
+
+    # --- text endpoints ----------------------------------------------------------
+
+    def _generation_request(self, body: ChatCompletionRequest | CompletionRequest, f: Features) -> GenerationRequest:
+        chat = isinstance(body, ChatCompletionRequest)
+        return GenerationRequest(
+            request_id=new_id("gen"),
+            prompt=None if chat else body.prompt,
+            messages=[{"role": m.role, "content": m.text()} for m in body.messages] if chat else None,
+            documents=[(d.text, d.page) for d in body.documents],
+            max_tokens=f.max_new_tokens, temperature=body.temperature, top_p=body.top_p,
+            stop=body.stop, seed=body.seed, adapter=f.adapter,
+        )
+
+    async def _text(self, endpoint: str, request: Request, body: ChatCompletionRequest | CompletionRequest):
+        f = self._features(endpoint, body)
+        req = self._generation_request(body, f)
+        chat = isinstance(body, ChatCompletionRequest)
+
+        async def run(out: _Outcome, deadline: float):
+            if body.stream:
+                gen, first = await self._open_stream(out, req, deadline)
+                model = out.served_by if f.adapter is None else f"{out.served_by}:{f.adapter}"
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                events = _sse(gen, first, chat, model, out, deadline, include_usage)
+                return StreamingResponse(events, media_type="text/event-stream", headers=out.headers())
+            result: Completion = await self._call(out, "generate", req, deadline)
+            model = out.served_by if f.adapter is None else f"{out.served_by}:{f.adapter}"
+            return JSONResponse(_completion_body(result, chat, model, out), headers=out.headers())
+
+        return await self._served(endpoint, request, lambda: _Outcome(self._decide(f)), run)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request, body: ChatCompletionRequest):
+        return await self._text("chat", request, body)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request, body: CompletionRequest):
+        return await self._text("completions", request, body)
+
+    @app.post("/v1/route")
+    async def route(self, request: Request):
+        raw = await request.body()
+        try:
+            keys = json.loads(raw or b"null")
+        except json.JSONDecodeError as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        model = ChatCompletionRequest if isinstance(keys, dict) and "messages" in keys else CompletionRequest
+        body = await _json_body(request, model)
+        f = self._features("route", body)
+        d = self._decide(f)
+        return {"backend": d.backend, "fallbacks": list(d.fallbacks), "scores": d.scores, "excluded": d.excluded,
+                "reason": d.reason, "task": d.task, "task_source": d.task_source,
+                "features": {"tokens": f.tokens, "pages": f.pages, "modality": f.modality,
+                             "max_new_tokens": f.max_new_tokens}}
+
+    # --- trm and dinov2 ------------------------------------------------------------
+
+    @app.post("/v1/refine")
+    async def refine(self, request: Request, body: RefineRequest):
+        backend, adapter = split_model(body.model)
+        f = Features(endpoint="refine", modality="grid", tokens=0, max_new_tokens=0, pages=0, text="",
+                     task="puzzle_solving", backend=backend, adapter=adapter)
+        payload = {"task": body.task, "grid": body.grid, "max_steps": body.max_steps,
+                   "halt_threshold": body.halt_threshold}
+
+        async def run(out: _Outcome, deadline: float):
+            result = await self._call(out, "refine", payload, deadline)
+            return JSONResponse({**result, "backend": out.served_by, "switchyard": out.body()}, headers=out.headers())
+
+        return await self._served("refine", request, lambda: _Outcome(self._decide(f)), run)
+
+    @app.post("/v1/classify", openapi_extra={"requestBody": {"content": {
+        "application/json": {"schema": ClassifyRequest.model_json_schema()},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "image": {"type": "string", "format": "binary"}, "model": {"type": "string"}}, "required": ["image"]}},
+    }, "required": True}})
+    async def classify(self, request: Request):
+        image, model = await _image_from(request)
+        backend, adapter = split_model(model)
+        f = Features(endpoint="classify", modality="image", tokens=0, max_new_tokens=0, pages=0, text="",
+                     task="image_classification", backend=backend, adapter=adapter)
+
+        async def run(out: _Outcome, deadline: float):
+            result = await self._call(out, "classify", image, deadline)
+            adapter_for = self.label_adapters.get(out.served_by, {}).get(result["label"])
+            return JSONResponse({**result, "adapter": adapter_for, "backend": out.served_by,
+                                 "switchyard": out.body()}, headers=out.headers())
+
+        return await self._served("classify", request, lambda: _Outcome(self._decide(f)), run)
+
+    # --- introspection -------------------------------------------------------------
+
+    @app.get("/v1/models")
+    async def models(self):
+        infos = await asyncio.gather(*(self._info(n) for n in self.handles))
+        data = [{"id": "auto", "object": "model", "created": self.started, "owned_by": "switchyard",
+                 "switchyard": {"kind": "router", "backends": list(self.handles)}}]
+        for b, info in zip(self.cfg.backends, infos):
+            meta = {"kind": b.kind, **info, "circuit": "open" if not self._healthy(b.name) else "closed",
+                    "in_flight": self.states[b.name].in_flight, "capability": b.capability.model_dump()}
+            data.append({"id": b.name, "object": "model", "created": self.started, "owned_by": "switchyard",
+                         "switchyard": meta})
+            for a in getattr(b, "adapters", {}):
+                data.append({"id": f"{b.name}:{a}", "object": "model", "created": self.started,
+                             "owned_by": "switchyard", "parent": b.name, "switchyard": {"kind": "adapter"}})
+        return {"object": "list", "data": data}
+
+    def _healthy(self, name: str) -> bool:
+        return time.monotonic() >= self.unhealthy_until[name]
+
+    async def _info(self, name: str) -> dict[str, Any]:
+        try:
+            info = await asyncio.wait_for(self.handles[name].info.remote(), 5)
+            return {**info, "health": "ok"}
+        except (asyncio.TimeoutError, RayActorError, RayTaskError) as exc:
+            return {"health": f"unreachable: {type(exc).__name__}"}
+
+    @app.get("/v1/routing/log")
+    async def routing_log(self, limit: int = Query(100, ge=1, le=10_000)):
+        entries = list(self.log)[-limit:]
+        return {"object": "list", "data": entries[::-1]}
+
+    @app.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok", "backends": {n: "ok" if self._healthy(n) else "cooling down" for n in self.handles}}

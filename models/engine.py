@@ -1,0 +1,71 @@
+"""The text engine interface every LM backend implements (hf now; vLLM in its own module).
+
+The request and result types cross the Ray boundary between router and backend, so they are
+plain dataclasses with no torch in them.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt: str | None = None  # completions
+    messages: list[dict[str, str]] | None = None  # chat: [{"role", "content"}], content as plain text
+    documents: list[tuple[str, int | None]] = field(default_factory=list)  # (text, page)
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    adapter: str | None = None
+
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+
+
+@dataclass
+class Delta:
+    """One streamed piece; the last one has `finish_reason` and the token counts."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class InvalidRequest(ValueError):
+    """The request is at fault (too long, unknown adapter...): the router answers 400, no fallback."""
+
+
+class Engine(abc.ABC):
+    """start, generate, stream, check_health. `check_health` raises so Serve restarts the replica."""
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def generate(self, request: GenerationRequest) -> Completion: ...
+
+    @abc.abstractmethod
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]: ...
+
+    @abc.abstractmethod
+    async def check_health(self) -> None: ...
+
+    @abc.abstractmethod
+    def info(self) -> dict[str, Any]:
+        """Engine, device, kernel path, model, context length, adapters: shown in /v1/models."""

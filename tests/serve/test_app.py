@@ -1,0 +1,285 @@
+"""The whole app on real Ray Serve with the embedded tiny models: every endpoint, streaming,
+the official openai client, routing by content, fallback, and bad input."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+SUDOKU = [
+    [5, 3, 0, 0, 7, 0, 0, 0, 0],
+    [6, 0, 0, 1, 9, 5, 0, 0, 0],
+    [0, 9, 8, 0, 0, 0, 0, 6, 0],
+    [8, 0, 0, 0, 6, 0, 0, 0, 3],
+    [4, 0, 0, 8, 0, 3, 0, 0, 1],
+    [7, 0, 0, 0, 2, 0, 0, 0, 6],
+    [0, 6, 0, 0, 0, 0, 2, 8, 0],
+    [0, 0, 0, 4, 1, 9, 0, 0, 5],
+    [0, 0, 0, 0, 8, 0, 0, 7, 9],
+]
+LONG_PROMPT = "summarise this report. " + "the quarterly numbers went up again " * 900  # about 5000 tokens
+
+
+def chat(text: str, **extra) -> dict:
+    return {"model": "auto", "messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0,
+            **extra}
+
+
+def png(color=(200, 30, 30), size=(24, 24), fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def sse(response: httpx.Response) -> list:
+    events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def assert_openai_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert "Traceback" not in r.text and err["message"]
+    return err
+
+
+# --- endpoints ---------------------------------------------------------------------------
+
+
+def test_healthz(client):
+    r = client.get("/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_models_lists_every_backend_with_its_engine(client):
+    data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert set(data) == {"auto", "mamba", "transformer", "trm", "dinov2"}
+    mamba, transformer = data["mamba"]["switchyard"], data["transformer"]["switchyard"]
+    assert (mamba["engine"], mamba["architecture"], mamba["kernel"], mamba["device"]) == ("hf", "mamba", "reference", "cpu")
+    assert (transformer["architecture"], transformer["kernel"]) == ("llama", None)
+    assert all(data[n]["switchyard"]["health"] == "ok" for n in ("mamba", "transformer", "trm", "dinov2"))
+
+
+def test_short_chat_goes_to_the_transformer(client):
+    r = client.post("/v1/chat/completions", json=chat("hello, how are you?"))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "transformer"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert 0 < body["usage"]["completion_tokens"] <= 8
+    assert r.headers["x-switchyard-backend"] == "transformer" and "x-switchyard-fallback" not in r.headers
+    assert body["switchyard"]["backend"] == "transformer" and body["switchyard"]["fallback"] is False
+    assert "text_generation" in r.headers["x-switchyard-reason"]
+
+
+def test_long_prompt_goes_to_mamba(client):
+    route = client.post("/v1/route", json=chat(LONG_PROMPT)).json()
+    assert 4096 <= route["features"]["tokens"] <= 7000
+    r = client.post("/v1/chat/completions", json=chat(LONG_PROMPT, max_tokens=4))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-switchyard-backend"] == "mamba"
+    assert r.json()["switchyard"]["task"] == "long_context"
+    assert r.json()["usage"]["prompt_tokens"] > 4096
+
+
+def test_completion(client):
+    r = client.post("/v1/completions", json={"model": "transformer", "prompt": "import os", "max_tokens": 5,
+                                             "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] == 5
+    assert body["choices"][0]["finish_reason"] == "length"
+
+
+def test_pinned_backend(client):
+    r = client.post("/v1/chat/completions", json=chat("hi", model="mamba"))
+    assert r.status_code == 200 and r.headers["x-switchyard-backend"] == "mamba"
+    assert "pinned" in r.json()["switchyard"]["reason"]
+
+
+def test_streaming_matches_the_unary_answer(client):
+    body = chat("def add(a, b):", max_tokens=12)
+    unary = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    r = client.post("/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = sse(r)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[0]["switchyard"]["backend"] == r.headers["x-switchyard-backend"]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == unary
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] <= 12
+
+
+def test_streaming_completion(client):
+    r = client.post("/v1/completions", json={"prompt": "class Foo:", "max_tokens": 6, "stream": True,
+                                             "temperature": 0})
+    chunks = sse(r)
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_string_is_cut(client):
+    full = client.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 12, "temperature": 0,
+                                                "model": "transformer"}).json()["choices"][0]["text"]
+    stop = full[3:5]
+    assert stop, full
+    r = client.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 12, "temperature": 0,
+                                             "model": "transformer", "stop": stop}).json()
+    assert r["choices"][0]["text"] == full[: full.find(stop)]
+    assert r["choices"][0]["finish_reason"] == "stop"
+
+
+def test_route_explains_without_running(client):
+    r = client.post("/v1/route", json=chat("fix this bug please"))
+    body = r.json()
+    assert r.status_code == 200
+    assert body["task"] == "code_repair" and body["task_source"] == "rule:code_repair"
+    assert set(body["scores"]) == {"mamba", "transformer", "trm", "dinov2"}
+    assert body["backend"] == "transformer" and "trm" in body["excluded"]
+    completion = client.post("/v1/route", json={"prompt": "a short prompt"}).json()
+    assert completion["backend"] == "transformer"
+
+
+def test_refine_sudoku_goes_to_trm(client):
+    r = client.post("/v1/refine", json={"task": "sudoku", "grid": SUDOKU, "max_steps": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["backend"] == "trm" and r.headers["x-switchyard-backend"] == "trm"
+    assert len(body["grid"]) == 9 and all(len(row) == 9 for row in body["grid"])
+    assert all(body["grid"][i][j] == SUDOKU[i][j] for i in range(9) for j in range(9) if SUDOKU[i][j])
+    assert 1 <= body["steps"] <= 4 and 0 <= body["confidence"] <= 1 and isinstance(body["valid"], bool)
+
+
+def test_classify_base64_and_multipart(client):
+    image = png()
+    r = client.post("/v1/classify", json={"image": base64.b64encode(image).decode()})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["backend"] == "dinov2" and body["label"] in body["probabilities"]
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-4
+    assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
+    uri = client.post("/v1/classify", json={"image": "data:image/png;base64," + base64.b64encode(image).decode()})
+    multipart = client.post("/v1/classify", files={"image": ("x.png", image, "image/png")})
+    assert uri.json()["probabilities"] == multipart.json()["probabilities"] == body["probabilities"]
+    jpeg = client.post("/v1/classify", files={"image": ("x.jpg", png(fmt="JPEG"), "image/jpeg")})
+    assert jpeg.status_code == 200
+
+
+def test_routing_log_records_decisions(client):
+    client.post("/v1/chat/completions", json=chat("log me"))
+    entries = client.get("/v1/routing/log", params={"limit": 2}).json()["data"]
+    assert len(entries) == 2
+    last = entries[0]
+    assert last["endpoint"] == "chat" and last["backend"] == "transformer" and last["status"] == 200
+    assert last["reason"] and last["latency_ms"] > 0
+
+
+# --- the official openai client -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_client(oai):
+    models = [m.id for m in oai.models.list()]
+    assert "auto" in models and "mamba" in models
+    c = oai.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    assert c.choices[0].message.role == "assistant" and c.usage.completion_tokens <= 5
+    t = oai.completions.create(model="transformer", prompt="def", max_tokens=4, temperature=0)
+    assert t.choices[0].finish_reason == "length"
+    chunks = list(oai.chat.completions.create(model="mamba", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=5, stream=True))
+    assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+
+
+# --- fallback -------------------------------------------------------------------------
+
+
+def test_failed_mamba_falls_back_to_the_transformer(client):
+    r = client.post("/fallback/v1/chat/completions", json=chat(LONG_PROMPT, max_tokens=4))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert r.headers["x-switchyard-backend"] == "transformer"
+    assert "mamba" in r.headers["x-switchyard-fallback"] and "injected failure" in r.headers["x-switchyard-fallback"]
+    assert body["switchyard"]["fallback"] is True and body["switchyard"]["task"] == "long_context"
+    assert body["switchyard"]["attempts"][0]["backend"] == "mamba"
+
+
+def test_failed_mamba_falls_back_when_streaming(client):
+    r = client.post("/fallback/v1/chat/completions", json=chat("x", model="auto", task="streaming", stream=True))
+    assert r.status_code == 200
+    assert r.headers["x-switchyard-backend"] == "transformer" and "x-switchyard-fallback" in r.headers
+    assert sse(r)[0]["switchyard"]["fallback"] is True
+
+
+def test_pinned_failing_backend_is_503(client):
+    r = client.post("/fallback/v1/chat/completions", json=chat("x", model="mamba"))
+    assert r.status_code == 503
+    assert int(r.headers["retry-after"]) >= 1
+    assert_openai_error(r, 503)
+
+
+# --- bad input --------------------------------------------------------------------------
+
+BAD = [
+    ("/v1/chat/completions", b"{not json", 400, None),
+    ("/v1/chat/completions", {"model": "auto"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    ("/v1/chat/completions", chat("x", max_tokens="many"), 400, "max_tokens"),
+    ("/v1/chat/completions", chat("x", max_tokens=100000), 400, "max_tokens"),
+    ("/v1/chat/completions", chat("x", n=2), 400, "n"),
+    ("/v1/chat/completions", chat("x", temperature=7), 400, "temperature"),
+    ("/v1/chat/completions", chat("x", task="poetry"), 400, "task"),
+    ("/v1/chat/completions", chat("x", model="gpt-4"), 404, "model"),
+    ("/v1/chat/completions", chat("x", model="transformer:nope"), 404, "model"),
+    ("/v1/chat/completions", chat("x", model="trm"), 400, None),
+    ("/v1/chat/completions", chat("x", documents=[{"page": 1}]), 400, "documents.0.text"),
+    ("/v1/completions", {"prompt": 42}, 400, "prompt"),
+    ("/v1/completions", [1, 2], 400, None),
+    ("/v1/route", b"[", 400, None),
+    ("/v1/refine", {"grid": [[0] * 9] * 8}, 400, "grid"),
+    ("/v1/refine", {"grid": [[0] * 8] * 9}, 400, "grid.0"),
+    ("/v1/refine", {"grid": [[10] * 9] * 9}, 400, "grid.0.0"),
+    ("/v1/refine", {"grid": SUDOKU, "task": "chess"}, 400, "task"),
+    ("/v1/refine", {"grid": SUDOKU, "max_steps": 0}, 400, "max_steps"),
+    ("/v1/refine", {"grid": SUDOKU, "max_steps": 1000}, 400, None),
+    ("/v1/classify", {"image": base64.b64encode(b"definitely not an image").decode()}, 400, None),
+    ("/v1/classify", {"image": "%%% not base64"}, 400, "image"),
+    ("/v1/classify", {"image": base64.b64encode(png(fmt="GIF")).decode()}, 400, None),
+    ("/v1/classify", {}, 400, "image"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{p} {i}" for i, (p, *_) in enumerate(BAD)])
+def test_bad_input_is_a_clean_4xx(client, path, body, status, param):
+    if isinstance(body, bytes):
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post(path, json=body)
+    err = assert_openai_error(r, status)
+    if param is not None:
+        assert err["param"] == param, err
+
+
+def test_unknown_path_and_method(client):
+    assert_openai_error(client.get("/v1/nothing"), 404)
+    assert_openai_error(client.get("/v1/chat/completions"), 405)
+
+
+def test_multipart_without_image(client):
+    assert_openai_error(client.post("/v1/classify", files={"other": ("a.txt", b"x")}), 400)

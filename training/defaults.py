@@ -1,0 +1,155 @@
+"""The embedded default models: tiny, seeded, built by this code, no download.
+
+A config names one as `embedded:NAME`; `resolve_model` builds it on first use into
+SWITCHYARD_CACHE (atomic rename under a file lock, so replicas starting together build it
+once) and returns a local path that the ordinary `from_pretrained` loaders read, the same
+loaders that read real checkpoints. Same seed and Python version, same weights.
+
+    python -m training.defaults            # build all of them now, print what was built
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from models.settings import CACHE_DIR
+
+logger = logging.getLogger(__name__)
+
+VERSION = 1  # bump when a builder changes its output: the cache key changes with it
+SEED = 0
+EMBEDDED = "embedded:"
+SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
+# Roles become special tokens; every turn ends in <|eos|>, so the model stops after its answer.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|eos|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_tokenizer(out: Path, vocab_size: int = 4096, files: int = 200) -> None:
+    """Byte-level BPE trained on the stdlib corpus (about 1 s for 4.7 MB here)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from training.corpus import stdlib_texts
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(stdlib_texts(files), trainer)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=8192,
+    ).save_pretrained(out)
+
+
+def _build_lm(out: Path, make_config: Callable[[int, object], object]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    build_tokenizer(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(make_config(len(tok), tok))
+    model.save_pretrained(out)
+
+
+def build_llama(out: Path) -> None:
+    """A 4-layer Llama-style decoder with an 8192-token RoPE context (1.3M parameters)."""
+    from transformers import LlamaConfig
+
+    _build_lm(out, lambda vocab, tok: LlamaConfig(
+        vocab_size=vocab, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    ))
+
+
+def build_mamba(out: Path) -> None:
+    """A 4-layer Mamba-1 (transformers classes) of the same width as the Llama."""
+    from transformers import MambaConfig
+
+    _build_lm(out, lambda vocab, tok: MambaConfig(
+        vocab_size=vocab, hidden_size=128, state_size=16, num_hidden_layers=4, expand=2,
+        conv_kernel=4, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    ))
+
+
+def build_trm(out: Path) -> None:
+    """TRM for 9x9 sudoku with the default TRMConfig, seeded weights (trained in a later issue)."""
+    import torch
+
+    from models.trm import TRM, TRMConfig
+
+    torch.manual_seed(SEED)
+    TRM(TRMConfig()).save_pretrained(out)
+
+
+def build_dinov2(out: Path) -> None:
+    """Tiny DINOv2 backbone plus a logistic-regression head fitted on scikit-learn's digits."""
+    from training.classifier_default import build
+
+    build(out, seed=SEED)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "tiny-llama": build_llama,
+    "tiny-mamba": build_mamba,
+    "tiny-trm": build_trm,
+    "tiny-dinov2": build_dinov2,
+}
+
+
+def ensure(name: str, cache: Path = CACHE_DIR) -> Path:
+    """The built model's directory, building it first if this machine has not yet."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(BUILDERS)}")
+    target = cache / "embedded" / f"{name}-v{VERSION}"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another replica may be building it right now
+        if target.exists():
+            return target
+        start = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            BUILDERS[name](tmp)
+            (tmp / "switchyard.json").write_text(json.dumps({"name": name, "version": VERSION, "seed": SEED}))
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("built embedded model %s in %.1f s at %s", name, time.perf_counter() - start, target)
+    return target
+
+
+def resolve_model(ref: str, cache: Path = CACHE_DIR) -> str:
+    """`embedded:NAME` -> a local directory; a local path or hub id passes through unchanged."""
+    return str(ensure(ref.removeprefix(EMBEDDED), cache)) if ref.startswith(EMBEDDED) else ref
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for model_name in BUILDERS:
+        ensure(model_name)
