@@ -111,7 +111,8 @@ async def _json_body(request: Request, model: type) -> Any:
     try:
         return model.model_validate_json(raw or b"null")
     except ValidationError as exc:
-        raise ApiError(400, *_describe(exc.errors())) from None
+        message, param = _describe(exc.errors())
+        raise ApiError(400, message, param=param) from None
 
 
 @dataclass
@@ -257,7 +258,11 @@ class Router:
         from transformers import AutoTokenizer  # the router process needs it only here
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.router.tokenizer))
-        self.count_tokens: Callable[[str], int] = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
+
+        def count_tokens(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
+
+        self.count_tokens = count_tokens
         self.label_adapters = {b.name: b.label_adapters for b in cfg.backends if b.kind == "classifier"}
 
     # --- decision -------------------------------------------------------------------

@@ -23,7 +23,7 @@ SUDOKU = [
     [0, 0, 0, 4, 1, 9, 0, 0, 5],
     [0, 0, 0, 0, 8, 0, 0, 7, 9],
 ]
-LONG_PROMPT = "summarise this report. " + "the quarterly numbers went up again " * 900  # about 5000 tokens
+LONG_PROMPT = "summarise this report. " + "the quarterly numbers went up again " * 500  # about 5000 tokens
 
 
 def chat(text: str, **extra) -> dict:

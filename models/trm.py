@@ -1,0 +1,252 @@
+"""Tiny Recursive Model (Jolicoeur-Martineau 2025, arXiv 2510.04871), pure PyTorch.
+
+One small network refines a latent z from (x, y, z) n times, then the answer y from (y, z);
+this latent recursion runs T times per supervision step, only the last under gradient.
+`forward` is one supervision step (the unit of deep supervision); `refine` repeats it up to
+N_sup times at inference, halting each sample once its halting head says the answer is right.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TRMConfig:
+    # Token scheme (the paper's sudoku data): 0 = pad (unused by 9x9 grids), 1 = blank cell,
+    # 2..10 = digits 1..9, i.e. token = digit + 1. models/sudoku.py encodes and decodes it.
+    vocab_size: int = 11
+    seq_len: int = 81
+    hidden_size: int = 128
+    num_heads: int = 4  # attention mixer only
+    # "mlp" mixes tokens with an MLP over the sequence (MLP-mixer), the paper's best on sudoku;
+    # "attention" is non-causal self-attention, the paper's choice for larger grids.
+    mixer: Literal["attention", "mlp"] = "mlp"
+    expansion: float = 4.0  # SwiGLU width over hidden (and over seq_len in the mlp mixer)
+    num_layers: int = 2  # layers in the one shared network
+    n_latent: int = 6  # n: z-updates per latent recursion
+    t_outer: int = 3  # T: latent recursions per supervision step, the first T-1 without gradient
+    max_steps: int = 16  # N_sup: supervision steps at most
+    halt_threshold: float = 0.5  # sigmoid(q) at which a sample stops
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "hidden_size", "num_heads", "num_layers", "n_latent",
+                     "t_outer", "max_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TRMConfig.{name} must be a positive integer, got {value!r}")
+        if self.vocab_size < 2:
+            raise ValueError(f"TRMConfig.vocab_size must be at least 2, got {self.vocab_size}")
+        if self.mixer not in ("attention", "mlp"):
+            raise ValueError(f"TRMConfig.mixer must be 'attention' or 'mlp', got {self.mixer!r}")
+        if self.mixer == "attention" and self.hidden_size % self.num_heads:
+            raise ValueError(f"TRMConfig.hidden_size {self.hidden_size} must be divisible by "
+                             f"num_heads {self.num_heads} for the attention mixer")
+        if not self.expansion > 0:
+            raise ValueError(f"TRMConfig.expansion must be positive, got {self.expansion!r}")
+        _check_threshold(self.halt_threshold, "TRMConfig.halt_threshold")
+
+
+def _check_threshold(value: float, name: str) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+
+@dataclass
+class Carry:
+    """State kept between supervision steps, detached from the graph."""
+
+    y: torch.Tensor  # (B, L, D) embedded current answer
+    z: torch.Tensor  # (B, L, D) latent reasoning
+
+
+@dataclass
+class StepOutput:
+    carry: Carry
+    logits: torch.Tensor  # (B, L, V) answer logits
+    q: torch.Tensor  # (B,) halting logit: "the current answer is correct"
+
+
+@dataclass
+class RefineOutput:
+    tokens: torch.Tensor  # (B, L) argmax answer at each sample's last step
+    steps: torch.Tensor  # (B,) supervision steps each sample ran
+    confidence: torch.Tensor  # (B,) sigmoid(q) at that step
+
+
+def _rms_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    # no learned scale, as the paper: post-norm keeps the recursed state bounded
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, expansion: float):
+        super().__init__()
+        inner = 16 * math.ceil(expansion * dim * 2 / 3 / 16)  # 2/3 keeps parameters as a 4x GELU MLP
+        self.gate_up = nn.Linear(dim, 2 * inner, bias=False)
+        self.down = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, L, Dh)
+        y = F.scaled_dot_product_attention(q, k, v)  # non-causal: every cell sees the grid
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+class SeqMLP(nn.Module):
+    """MLP-mixer token mixing: a SwiGLU across the sequence, shared over channels."""
+
+    def __init__(self, seq_len: int, expansion: float):
+        super().__init__()
+        self.mlp = SwiGLU(seq_len, expansion)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x.transpose(1, 2)).transpose(1, 2)  # (B, D, L) -> (B, L, D)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: TRMConfig):
+        super().__init__()
+        if cfg.mixer == "attention":
+            self.mix = Attention(cfg.hidden_size, cfg.num_heads)
+        else:
+            self.mix = SeqMLP(cfg.seq_len, cfg.expansion)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.expansion)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _rms_norm(x + self.mix(x))
+        return _rms_norm(x + self.mlp(x))
+
+
+class Net(nn.Module):
+    """The one tiny network, shared by the z- and the y-update."""
+
+    def __init__(self, cfg: TRMConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class TRM(nn.Module):
+    def __init__(self, config: TRMConfig):
+        super().__init__()
+        self.config = cfg = config
+        D = cfg.hidden_size
+        self.embed_scale = math.sqrt(D)  # embeddings start at std 1/sqrt(D) and enter at unit scale
+        self.embed = nn.Embedding(cfg.vocab_size, D)
+        self.pos = nn.Parameter(torch.empty(cfg.seq_len, D))
+        self.y_init = nn.Parameter(torch.empty(D))
+        self.z_init = nn.Parameter(torch.empty(D))
+        self.net = Net(cfg)
+        self.head = nn.Linear(D, cfg.vocab_size, bias=False)
+        self.q_head = nn.Linear(D, 1)  # on y mean-pooled over cells: no cell of a grid is special
+        for p in (self.embed.weight, self.pos):
+            nn.init.trunc_normal_(p, std=1 / self.embed_scale)
+        for p in (self.y_init, self.z_init):
+            nn.init.trunc_normal_(p, std=1.0)
+        # the paper starts the halting head at "not correct" so early training runs every step
+        nn.init.zeros_(self.q_head.weight)
+        nn.init.constant_(self.q_head.bias, -5.0)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def initial_carry(self, batch_size: int) -> Carry:
+        shape = (batch_size, self.config.seq_len, self.config.hidden_size)
+        return Carry(self.y_init.expand(shape), self.z_init.expand(shape))
+
+    def embed_input(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_scale * (self.embed(tokens) + self.pos) / math.sqrt(2)  # (B, L, D)
+
+    def latent_recursion(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for _ in range(self.config.n_latent):
+            z = self.net(x + y + z)
+        y = self.net(y + z)
+        return y, z
+
+    def forward(self, carry: Carry, tokens: torch.Tensor) -> StepOutput:
+        """One supervision step on puzzle `tokens` (B, L) from `carry`; the new carry is detached."""
+        x, y, z = self.embed_input(tokens), carry.y, carry.z
+        with torch.no_grad():
+            for _ in range(self.config.t_outer - 1):
+                y, z = self.latent_recursion(x, y, z)
+        y, z = self.latent_recursion(x, y, z)
+        q = self.q_head(y.mean(dim=1)).squeeze(-1)  # (B,)
+        return StepOutput(Carry(y.detach(), z.detach()), self.head(y), q)
+
+    @torch.inference_mode()
+    def refine(self, tokens: torch.Tensor, max_steps: int | None = None,
+               halt_threshold: float | None = None) -> RefineOutput:
+        """Run up to `max_steps` supervision steps; each sample stops, its answer frozen, at the
+        first step where sigmoid(q) >= `halt_threshold`. Later steps compute only running rows."""
+        cfg = self.config
+        max_steps = cfg.max_steps if max_steps is None else max_steps
+        threshold = cfg.halt_threshold if halt_threshold is None else halt_threshold
+        if tokens.dim() != 2 or tokens.shape[1] != cfg.seq_len:
+            raise ValueError(f"tokens must be (batch, {cfg.seq_len}), got {tuple(tokens.shape)}")
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+        _check_threshold(threshold, "halt_threshold")
+        B = tokens.shape[0]
+        answer = torch.zeros_like(tokens)
+        steps = torch.zeros(B, dtype=torch.long, device=tokens.device)
+        confidence = torch.zeros(B, device=tokens.device)
+        rows = torch.arange(B, device=tokens.device)  # samples still running
+        carry = self.initial_carry(B)
+        for step in range(1, max_steps + 1):
+            out = self(carry, tokens[rows])
+            p = torch.sigmoid(out.q).float()
+            answer[rows], steps[rows], confidence[rows] = out.logits.argmax(-1), step, p
+            go = p < threshold
+            if not go.any():
+                break
+            rows, carry = rows[go], Carry(out.carry.y[go], out.carry.z[go])
+        logger.debug("refined %d samples, steps %s", B, steps.tolist())
+        return RefineOutput(answer, steps, confidence)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, directory / "model.safetensors")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> TRM:
+        directory = Path(directory)
+        fields = json.loads((directory / "config.json").read_text())
+        try:
+            config = TRMConfig(**fields)
+        except TypeError as exc:
+            raise ValueError(f"{directory / 'config.json'} is not a TRMConfig: {exc}") from exc
+        model = cls(config)
+        model.load_state_dict(load_file(directory / "model.safetensors", device=str(device)))
+        logger.info("loaded TRM from %s: %d parameters, mixer %s", directory, model.num_parameters(), config.mixer)
+        return model.to(device).eval()

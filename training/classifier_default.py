@@ -1,0 +1,101 @@
+"""The embedded default image classifier: a tiny seeded DINOv2 and a head fitted on digits.
+
+The backbone is randomly initialised and never trained; only the linear head is fitted
+(logistic regression on standardised embeddings, the scaler folded into the head) on
+scikit-learn's bundled 8x8 digits, upscaled to RGB. Everything is offline and seeded.
+
+    python -m training.classifier_default --out /tmp/tiny-dinov2 [--seed 0] [--pooling mean]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Dinov2Config, Dinov2Model
+
+from models.classifier import HeadConfig, ImageClassifier
+
+logger = logging.getLogger(__name__)
+
+# 32x32 input, 4x4 patches: 64 patch tokens + CLS; about 108k parameters.
+IMAGE_SIZE, PATCH_SIZE, HIDDEN, LAYERS, HEADS = 32, 4, 64, 2, 2
+# Wider than the 0.02 default: a random backbone at 0.02 gives weaker features (0.83 vs 0.88
+# held-out with mean pooling, C=1); 0.3 and above is worse again.
+INIT_RANGE = 0.1
+# Mean of patch tokens beat the CLS token for every seed and width tried (0.90 vs 0.89, seed 0).
+POOLING: Literal["cls", "mean"] = "mean"
+C = 10.0  # inverse L2 strength; 1.0 under-fits these 64 features
+TEST_FRACTION = 0.25
+
+
+def digits_images() -> tuple[list[Image.Image], np.ndarray]:
+    """scikit-learn's 1797 digits as 8x8 RGB PIL images (values 0..16 -> 0..255) and labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = [Image.fromarray((x * 255 / 16).astype(np.uint8)).convert("RGB") for x in digits.images]
+    return images, digits.target
+
+
+def tiny_backbone(seed: int) -> Dinov2Model:
+    torch.manual_seed(seed)
+    return Dinov2Model(Dinov2Config(
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, intermediate_size=4 * HIDDEN, initializer_range=INIT_RANGE,
+    ))
+
+
+def build(out_dir: str | Path, seed: int = 0, pooling: Literal["cls", "mean"] = POOLING) -> dict:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+
+    start = time.perf_counter()
+    backbone = tiny_backbone(seed)
+    labels = [str(i) for i in range(10)]
+    head = HeadConfig(labels=labels, pooling=pooling, embedding_dim=HIDDEN)
+    model = ImageClassifier(backbone, head, torch.zeros(len(labels), HIDDEN), torch.zeros(len(labels)))
+
+    images, y = digits_images()
+    x = model.embed(images).double().numpy()  # (N, D)
+    logger.info("embedded %d digits in %.1f s", len(images), time.perf_counter() - start)
+    train, test = train_test_split(np.arange(len(y)), test_size=TEST_FRACTION, stratify=y, random_state=seed)
+    mu, sigma = x[train].mean(0), x[train].std(0) + 1e-8
+    lr = LogisticRegression(C=C, max_iter=5000).fit((x[train] - mu) / sigma, y[train])
+    # W((x - mu) / sigma) + b == (W / sigma) x + (b - W mu / sigma): the head takes raw embeddings
+    weight = lr.coef_ / sigma  # (C, D)
+    bias = lr.intercept_ - weight @ mu  # (C,)
+    model = ImageClassifier(backbone, head, torch.from_numpy(weight).float(), torch.from_numpy(bias).float())
+    model.save_pretrained(out_dir)
+
+    with torch.inference_mode():  # score the saved head (float32), not sklearn's float64 copy
+        pred = model.head(torch.from_numpy(x).float()).argmax(-1).numpy()
+    metrics = {
+        "pooling": pooling,
+        "seed": seed,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "n_train": len(train),
+        "n_test": len(test),
+        "train_accuracy": round(float((pred[train] == y[train]).mean()), 4),
+        "test_accuracy": round(float((pred[test] == y[test]).mean()), 4),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    logger.info("built classifier at %s: %s", out_dir, metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="directory to write the classifier to")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pooling", choices=["cls", "mean"], default=POOLING)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(json.dumps(build(args.out, args.seed, args.pooling)))
