@@ -120,7 +120,7 @@ class ImageClassifier(torch.nn.Module):
 
     def info(self) -> dict[str, Any]:
         return {
-            "backbone": self.backbone.config._name_or_path or "unnamed",
+            "backbone": self.backbone.config._name_or_path,  # hub id or directory it was loaded from
             "embedding_dim": self.head_config.embedding_dim,
             "labels": list(self.labels),
             "pooling": self.head_config.pooling,

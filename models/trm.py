@@ -247,6 +247,6 @@ class TRM(nn.Module):
         except TypeError as exc:
             raise ValueError(f"{directory / 'config.json'} is not a TRMConfig: {exc}") from exc
         model = cls(config)
-        model.load_state_dict(load_file(directory / "model.safetensors", device=str(device)))
+        model.load_state_dict(load_file(directory / "model.safetensors"))
         logger.info("loaded TRM from %s: %d parameters, mixer %s", directory, model.num_parameters(), config.mixer)
         return model.to(device).eval()

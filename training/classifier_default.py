@@ -30,7 +30,8 @@ IMAGE_SIZE, PATCH_SIZE, HIDDEN, LAYERS, HEADS = 32, 4, 64, 2, 2
 # Wider than the 0.02 default: a random backbone at 0.02 gives weaker features (0.83 vs 0.88
 # held-out with mean pooling, C=1); 0.3 and above is worse again.
 INIT_RANGE = 0.1
-# Mean of patch tokens beat the CLS token for every seed and width tried (0.90 vs 0.89, seed 0).
+# Mean of patch tokens beats the CLS token held-out here: 0.896 vs 0.891 at seed 0, 0.884 vs 0.858
+# at seed 1 (and in 8 of 12 nearby widths, depths and init ranges).
 POOLING: Literal["cls", "mean"] = "mean"
 C = 10.0  # inverse L2 strength; 1.0 under-fits these 64 features
 TEST_FRACTION = 0.25

@@ -103,6 +103,7 @@ def test_batch_and_single_agree(model: ImageClassifier, digits):
     chunked = model.embed(digits, batch_size=5)
     assert torch.allclose(chunked, model.embed(digits), atol=1e-5)
     assert chunked.shape == (16, model.info()["embedding_dim"])
+    assert model.classify([]) == [] and model.embed([]).shape == (0, 64)
 
 
 def test_info_and_pooling_choice(model: ImageClassifier):
