@@ -72,12 +72,12 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
 class ImageClassifier(torch.nn.Module):
     def __init__(self, backbone: Dinov2Model, head: HeadConfig, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
-        dim = backbone.config.hidden_size
-        if head.embedding_dim != dim or weight.shape != (len(head.labels), dim) or bias.shape != (len(head.labels),):
+        dim, n = backbone.config.hidden_size, len(head.labels)
+        if head.embedding_dim != dim or weight.shape != (n, dim) or bias.shape != (n,):
             raise ValueError(f"head weight {tuple(weight.shape)}, bias {tuple(bias.shape)} and "
-                             f"{len(head.labels)} labels do not fit a backbone of width {dim}")
+                             f"{n} labels do not fit a backbone of width {dim}")
         self.backbone, self.head_config = backbone.eval(), head
-        self.head = torch.nn.Linear(dim, len(head.labels))
+        self.head = torch.nn.Linear(dim, n)
         with torch.no_grad():
             self.head.weight.copy_(weight)
             self.head.bias.copy_(bias)
@@ -96,7 +96,8 @@ class ImageClassifier(torch.nn.Module):
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         size = (self.image_size, self.image_size)
         arrays = [np.asarray(im.convert("RGB").resize(size, Image.Resampling.BICUBIC)) for im in images]
-        x = torch.from_numpy(np.stack(arrays)).to(self.device).permute(0, 3, 1, 2).float() / 255  # (N, 3, S, S)
+        x = torch.from_numpy(np.stack(arrays)).to(self.device)  # (N, S, S, 3) uint8
+        x = x.permute(0, 3, 1, 2).float() / 255
         return (x - self.mean) / self.std
 
     @torch.inference_mode()
@@ -135,10 +136,12 @@ class ImageClassifier(torch.nn.Module):
         (path / "head.json").write_text(json.dumps(asdict(self.head_config), indent=2))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", backbone: str | None = None) -> ImageClassifier:
+    def from_pretrained(cls, path: str | Path, device: str = "cpu",
+                        backbone: str | None = None) -> ImageClassifier:
         """`path` holds the head (and `backbone/` unless `backbone` names a hub id or directory)."""
         path = Path(path)
         head = HeadConfig(**json.loads((path / "head.json").read_text()))
         tensors = load_file(path / "head.safetensors")
-        model = Dinov2Model.from_pretrained(backbone or str(path / "backbone"))
+        # float32 whatever the checkpoint stores: the head and preprocessing are float32
+        model = Dinov2Model.from_pretrained(backbone or str(path / "backbone"), dtype=torch.float32)
         return cls(model, head, tensors["weight"], tensors["bias"]).to(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -72,7 +73,7 @@ def test_backbone_is_seeded(model: ImageClassifier):
 def test_round_trip_gives_identical_probabilities(model: ImageClassifier, digits, tmp_path: Path):
     model.save_pretrained(tmp_path)
     again = ImageClassifier.from_pretrained(tmp_path)
-    assert [p.probabilities for p in again.classify(digits)] == [p.probabilities for p in model.classify(digits)]
+    assert again.classify(digits) == model.classify(digits)  # exact, labels and probabilities
     assert again.info() | {"backbone": None} == model.info() | {"backbone": None}
 
 
@@ -82,6 +83,19 @@ def test_backbone_override(built: tuple[Path, dict], model: ImageClassifier, dig
     split = ImageClassifier.from_pretrained(tmp_path, backbone=str(built[0] / "backbone"))
     assert split.info()["backbone"] == str(built[0] / "backbone")
     assert split.classify(digits[:2]) == model.classify(digits[:2])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"pooling": "max"}, "pooling is 'max'; use 'cls' or 'mean'"),
+    ({"embedding_dim": 32}, "do not fit a backbone of width 64"),
+    ({"labels": ["a", "b"]}, "2 labels do not fit"),
+])
+def test_bad_head_fails_at_load(built: tuple[Path, dict], tmp_path: Path, change: dict, message: str):
+    head = json.loads((built[0] / "head.json").read_text()) | change
+    (tmp_path / "head.json").write_text(json.dumps(head))
+    (tmp_path / "head.safetensors").write_bytes((built[0] / "head.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=message):
+        ImageClassifier.from_pretrained(tmp_path, backbone=str(built[0] / "backbone"))
 
 
 def test_predictions_are_distributions_led_by_the_label(model: ImageClassifier, digits):
