@@ -308,15 +308,20 @@ class Router:
                 continue
             finally:
                 state.in_flight -= 1
-            if isinstance(result, Failure):
-                if result.kind == "invalid":
-                    raise ApiError(400, result.message)
-                self._failed(out, name, result.message)
-                continue
-            self.failures[name] = 0
-            out.served_by = name
-            return result
+            if self._answered(out, name, result):
+                return result
         raise self._exhausted(out, deadline)
+
+    def _answered(self, out: _Outcome, name: str, result: Any) -> bool:
+        """True when `result` is an answer; a Failure is a 400 (request at fault) or a recorded failure."""
+        if isinstance(result, Failure):
+            if result.kind == "invalid":
+                raise ApiError(400, result.message)
+            self._failed(out, name, result.message)
+            return False
+        self.failures[name] = 0
+        out.served_by = name
+        return True
 
     def _failed(self, out: _Outcome, name: str, error: str) -> None:
         logger.warning("backend %s failed: %s", name, error)
@@ -354,13 +359,8 @@ class Router:
                 continue
             if isinstance(first, Failure):
                 gen.cancel()
-                if first.kind == "invalid":
-                    raise ApiError(400, first.message)
-                self._failed(out, name, first.message)
-                continue
-            self.failures[name] = 0
-            out.served_by = name
-            return gen, first
+            if self._answered(out, name, first):
+                return gen, first
         raise self._exhausted(out, deadline)
 
     # --- logging ---------------------------------------------------------------------
