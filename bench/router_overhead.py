@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 
@@ -92,6 +93,7 @@ def main() -> None:
     cfg = AppConfig.model_validate(raw)
     decide_us, features_us = policy_us(cfg)
 
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # as `make serve` runs it
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": 8765})
     serve.run(build_app(raw), name="switchyard", route_prefix="/")

@@ -7,6 +7,7 @@ the same app whose mamba backend fails every call.
 from __future__ import annotations
 
 import copy
+import os
 import socket
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def server() -> str:
 
     from deployments.app import build_app
 
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # as `make serve` runs it
     args = app_args()
     broken = copy.deepcopy(args)
     broken["backends"] = [b for b in broken["backends"] if b["kind"] == "lm"]
