@@ -16,10 +16,12 @@ setup: $(STAMP)
 models: $(STAMP)
 	$(PY) -m training.defaults
 
-# Ray's own latency setting: user code on the replica's main loop, direct ingress, fewer log writes.
-# It must be in the environment of the process that starts Ray (bench and tests set it too).
+# Ray Serve's latency settings (deployments/serve_env.py says what each does; a test keeps this line
+# equal to that table). They must be in the environment of the process that starts Ray.
+SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_PROXY_USE_GRPC=1
+
 serve: models
-	RAY_SERVE_THROUGHPUT_OPTIMIZED=1 .venv/bin/serve run serve_config.yaml
+	$(SERVE_ENV) .venv/bin/serve run serve_config.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -29,6 +29,9 @@ class DeploymentOptions(Strict):
     health_check_period_s: float = Field(10, gt=0, description="Seconds between check_health calls.")
     health_check_timeout_s: float = Field(30, gt=0, description="A check_health slower than this fails.")
     graceful_shutdown_timeout_s: float = Field(20, ge=0, description="Wait for in-flight requests on shutdown.")
+    logging_config: dict[str, Any] | None = Field(
+        None, description="Serve's LoggingConfig: log_level, encoding, enable_access_log, logs_dir."
+    )
 
     def options(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

@@ -258,8 +258,11 @@ class Router:
         from transformers import AutoTokenizer  # the router process needs it only here
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.router.tokenizer))
+        fast = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer: half the cost per call
 
         def count_tokens(text: str) -> int:
+            if fast is not None:
+                return len(fast.encode(text, add_special_tokens=False).ids)
             return len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
 
         self.count_tokens = count_tokens

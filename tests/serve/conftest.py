@@ -7,13 +7,16 @@ the same app whose mamba backend fails every call.
 from __future__ import annotations
 
 import copy
-import os
 import socket
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+
+from deployments import serve_env
+
+serve_env.apply()  # before anything imports ray.serve, as `make serve` runs it
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +38,6 @@ def server() -> str:
 
     from deployments.app import build_app
 
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # as `make serve` runs it
     args = app_args()
     broken = copy.deepcopy(args)
     broken["backends"] = [b for b in broken["backends"] if b["kind"] == "lm"]

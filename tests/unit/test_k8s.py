@@ -37,3 +37,16 @@ def test_head_takes_no_serve_work(manifest):
     assert head["rayStartParams"]["num-cpus"] == "0"
     images = [c["image"] for c in head["template"]["spec"]["containers"]]
     assert all(":" in i and not i.endswith(":latest") for i in images)
+
+
+def test_serve_env_is_set_where_ray_starts(manifest):
+    from deployments.serve_env import SERVE_ENV
+
+    groups = [manifest["spec"]["rayClusterConfig"]["headGroupSpec"],
+              *manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            assert SERVE_ENV.items() <= env.items(), container["name"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert "SERVE_ENV := " + " ".join(f"{k}={v}" for k, v in SERVE_ENV.items()) in makefile
