@@ -54,6 +54,11 @@ class LMBackend(BackendBase):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights' dtype.")
     adapters: dict[str, str] = Field(default_factory=dict, description="peft LoRA adapters: name -> path.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed to the engine as keyword arguments: for `hf` batching, speculation and the "
+        "adapter cache; for `vllm` fields of vLLM's AsyncEngineArgs (checked at start).",
+    )
 
 
 class TRMBackend(BackendBase):

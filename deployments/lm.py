@@ -13,19 +13,17 @@ from starlette.requests import Request
 from deployments.config import LMBackend
 from deployments.protocol import Failure, as_value, stream_values
 from models.engine import Completion, Delta, Engine, GenerationRequest
-from models.hf_engine import HFEngine
 from training.defaults import resolve_model
 
 logger = logging.getLogger(__name__)
 
-ENGINES: dict[str, type[Engine]] = {"hf": HFEngine}
+# Imported when named: vllm is an optional extra.
+ENGINES = {"hf": "models.hf_engine:HFEngine", "vllm": "models.vllm_engine:VLLMEngine"}
 
 
 def engine_class(name: str) -> type[Engine]:
-    """`hf`, or `module:Class` naming an Engine subclass (tests inject engines this way)."""
-    if name in ENGINES:
-        return ENGINES[name]
-    module, _, attr = name.partition(":")
+    """`hf`, `vllm`, or `module:Class` naming an Engine subclass (tests inject engines this way)."""
+    module, _, attr = ENGINES.get(name, name).partition(":")
     if not attr:
         raise ValueError(f"unknown engine {name!r}: use one of {sorted(ENGINES)} or 'module:Class'")
     cls = getattr(importlib.import_module(module), attr)
@@ -43,6 +41,7 @@ class LMServer:
             dtype=cfg.dtype,
             max_context=cfg.capability.max_context,
             adapters=cfg.adapters,
+            **cfg.engine_kwargs,
         )
         await self.engine.start()
 

@@ -24,6 +24,9 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     adapter: str | None = None
+    # Speculative decoding for this request: None takes the engine's configured default;
+    # "none", "prompt_lookup" or "draft" ask for one (InvalidRequest when the engine lacks it).
+    speculation: str | None = None
 
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -52,7 +55,12 @@ class InvalidRequest(ValueError):
 
 
 class Engine(abc.ABC):
-    """start, generate, stream, check_health. `check_health` raises so Serve restarts the replica."""
+    """start, generate, stream, check_health. `check_health` raises so Serve restarts the replica.
+
+    Constructed as `Engine(model=, device=, dtype=, max_context=, adapters=, **engine_kwargs)`, where
+    `adapters` maps adapter names to peft checkpoint paths and `engine_kwargs` is the backend's
+    `engine_kwargs` from the config (an unknown key is an error at construction, naming it).
+    """
 
     @abc.abstractmethod
     async def start(self) -> None: ...
