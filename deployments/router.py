@@ -410,7 +410,7 @@ class Router:
             messages=[{"role": m.role, "content": m.text()} for m in body.messages] if chat else None,
             documents=[(d.text, d.page) for d in body.documents],
             max_tokens=f.max_new_tokens, temperature=body.temperature, top_p=body.top_p,
-            stop=body.stop, seed=body.seed, adapter=f.adapter,
+            stop=body.stop, seed=body.seed, adapter=f.adapter, speculation=body.speculation,
         )
 
     async def _text(self, endpoint: str, request: Request, body: ChatCompletionRequest | CompletionRequest):

@@ -1,8 +1,21 @@
 """transformers engine for causal LMs (Llama-like decoders and Mamba), on CPU or CUDA.
 
-Generation runs on one worker thread per engine: torch already uses every core for one
-forward here, and one thread keeps adapter switching and the RNG seed race-free. A request
-that is cancelled (client gone, deadline passed) stops at its next token.
+Requests are batched dynamically: a batcher on the event loop takes the waiting requests that
+can share one `generate` call (same adapter, same sampling parameters, no speculation, no seed)
+and runs them as one left-padded batch; requests arriving meanwhile wait for the next batch.
+A stopping criterion follows every row: it hands each new token to its request's queue (streaming)
+and ends the row at its own max_tokens, stop string or cancellation (client gone, deadline passed),
+so one request never holds the others back beyond the batch it is in.
+
+Speculative decoding (per request or by default): prompt lookup (`prompt_lookup_num_tokens`) or a
+draft model (`assistant_model`), transformers' own assisted generation, which runs one request at
+a time and keeps greedy output identical to plain decoding.
+
+Adapters: peft LoRA adapters from the config, loaded on first use and kept in an LRU of
+`max_loaded_adapters`; a batch uses one adapter (or none).
+
+Generation runs on one worker thread per engine: torch already uses every core for one forward
+here, and one thread keeps adapter switching and the RNG seed race-free.
 """
 
 from __future__ import annotations
@@ -12,13 +25,14 @@ import contextlib
 import importlib.util
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
 from models.engine import Completion, Delta, Engine, GenerationRequest, InvalidRequest
 
@@ -43,29 +57,72 @@ def render_documents(documents: list[tuple[str, int | None]]) -> str:
     return "\n\n".join(f"[page {page}]\n{text}" if page is not None else text for text, page in documents)
 
 
-class _Cancel(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
+Speculation = Literal["none", "prompt_lookup", "draft"]
+SPECULATION = ("none", "prompt_lookup", "draft")
+
+
+@dataclass
+class _Job:
+    """One request in the engine: its prompt ids, the tokens made so far, and where they go."""
+
+    request: GenerationRequest
+    ids: torch.Tensor
+    speculation: Speculation
+    loop: asyncio.AbstractEventLoop
+    engine: HFEngine
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # token ids, then None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    tokens: list[int] = field(default_factory=list)
+    done: bool = False  # no more tokens will be made for it
+    closed: bool = False  # its consumer has been told
+
+    @property
+    def key(self) -> tuple | None:
+        """Jobs with equal keys can share a batch; None runs alone."""
+        r = self.request
+        if self.speculation != "none" or r.seed is not None:
+            return None
+        return (r.adapter, r.temperature > 0, r.temperature, r.top_p)
+
+    def emit(self, token: int) -> None:
+        self.tokens.append(token)
+        self.engine.generated += 1
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, token)
+
+    def close(self, error: Exception | None = None) -> None:
+        """Ends the job's token stream (with `error` raised to its consumer, if given); idempotent."""
+        if not self.closed:
+            self.done = self.closed = True
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, error)
+
+
+class _Rows(StoppingCriteria):
+    """Runs after every decoding step (several tokens at once under speculation): hands each row's new
+    tokens to its job and says which rows are finished: eos, their own max_tokens, a stop string, or
+    cancellation. generate() pads finished rows and stops when every row is finished."""
+
+    def __init__(self, jobs: list[_Job], prompt_len: int, eos: int | None, decode):
+        self.jobs, self.prompt_len, self.eos, self.decode = jobs, prompt_len, eos, decode
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _TokenQueue(BaseStreamer):
-    """Hands each new token id from the generation thread to the event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
-        self.loop, self.queue, self.prompt_seen = loop, queue, False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first puts the prompt
-            self.prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, token)
-
-    def end(self) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+        new = input_ids[:, self.prompt_len:].tolist()
+        for job, row in zip(self.jobs, new):
+            if job.done:
+                continue
+            req = job.request
+            for token in row[len(job.tokens):]:
+                job.emit(token)
+                if token == self.eos or len(job.tokens) >= req.max_tokens:
+                    job.done = True
+                    break
+            if job.cancel.is_set():
+                job.done = True
+            elif req.stop and not job.done:
+                tail = self.decode(job.tokens[-64:])  # a stop string ends within the last few tokens
+                job.done = _first_stop(tail, req.stop) is not None
+            if job.done:
+                job.close()  # its consumer need not wait for the rest of the batch
+        return torch.tensor([j.done for j in self.jobs], dtype=torch.bool, device=input_ids.device)
 
 
 class HFEngine(Engine):
@@ -76,32 +133,61 @@ class HFEngine(Engine):
         dtype: str = "float32",
         max_context: int | None = None,
         adapters: dict[str, str] | None = None,
+        max_batch_size: int = 16,
+        batch_wait_ms: float = 2.0,
+        max_loaded_adapters: int = 4,
+        speculation: Speculation = "none",
+        prompt_lookup_tokens: int = 10,
+        draft_model: str | None = None,
+        draft_tokens: int = 5,
     ):
+        if speculation not in SPECULATION:
+            raise ValueError(f"speculation must be one of {SPECULATION}, not {speculation!r}")
+        if speculation == "draft" and draft_model is None:
+            raise ValueError("speculation 'draft' needs draft_model")
+        if max_batch_size < 1 or max_loaded_adapters < 1:
+            raise ValueError("max_batch_size and max_loaded_adapters must be at least 1")
         self.model_ref, self.device, self.dtype = model, device, dtype
         self.adapter_paths = dict(adapters or {})
+        self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_ms / 1000
+        self.max_loaded_adapters = max_loaded_adapters
+        self.speculation, self.prompt_lookup_tokens = speculation, prompt_lookup_tokens
+        self.draft_ref, self.draft_tokens = draft_model, draft_tokens
         self._max_context = max_context
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-generate")
-        self.model = self.tokenizer = None
+        self.model = self.tokenizer = self.draft = None
+        self._loaded: OrderedDict[str, None] = OrderedDict()  # adapters in the model, least recent first
+        self._waiting: list[_Job] = []
+        self._wake = asyncio.Event()
+        self._batcher: asyncio.Task | None = None
+        self.running = 0  # jobs in the batch that is generating now
+        self.batches = 0  # generate() calls so far
+        self.generated = 0  # tokens handed to requests so far
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
+        self._wake = asyncio.Event()
+        self._batcher = asyncio.create_task(self._batch_loop())
 
     def _load(self) -> None:
+        from training.defaults import resolve_model  # the draft may be an embedded model too
+
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref)
         model = AutoModelForCausalLM.from_pretrained(self.model_ref, dtype=_DTYPES[self.dtype])
-        if self.adapter_paths:
-            from peft import PeftModel
-
-            first, *rest = self.adapter_paths.items()
-            model = PeftModel.from_pretrained(model, first[1], adapter_name=first[0])
-            for name, path in rest:
-                model.load_adapter(path, adapter_name=name)
         self.model = model.to(self.device).eval()
         cfg = self.model.config
+        self.stateful = cfg.model_type.startswith("mamba")
+        if self.stateful and self.speculation != "none":
+            raise ValueError("transformers refuses speculative decoding for stateful (Mamba) models")
+        for name in list(self.adapter_paths)[: self.max_loaded_adapters]:
+            self._use_adapter(name)
+        if self.draft_ref is not None:
+            draft = AutoModelForCausalLM.from_pretrained(resolve_model(self.draft_ref), dtype=_DTYPES[self.dtype])
+            self.draft = draft.to(self.device).eval()
         limits = [x for x in (self._max_context, getattr(cfg, "max_position_embeddings", None)) if x]
         self.max_context = min(limits) if limits else None
-        logger.info("loaded %s (%s) on %s, kernel path %s", self.model_ref, cfg.model_type, self.device,
-                    mamba_kernel_path(cfg.model_type, self.device))
+        logger.info("loaded %s (%s) on %s, kernel path %s, speculation %s", self.model_ref, cfg.model_type,
+                    self.device, mamba_kernel_path(cfg.model_type, self.device), self.speculation)
 
     def info(self) -> dict[str, Any]:
         model_type = self.model.config.model_type
@@ -114,12 +200,22 @@ class HFEngine(Engine):
             "kernel": mamba_kernel_path(model_type, self.device),
             "max_context": self.max_context,
             "adapters": list(self.adapter_paths),
+            "adapters_loaded": list(self._loaded),
+            "max_batch_size": self.max_batch_size,
+            "speculation": self.speculation,
+            "draft_model": self.draft_ref,
+            "running": self.running,
+            "waiting": len(self._waiting),
+            "batches": self.batches,
+            "generated_tokens": self.generated,
             "parameters": sum(p.numel() for p in self.model.parameters()),
         }
 
     async def check_health(self) -> None:
         if self.model is None:
             raise RuntimeError("model not loaded")
+        if self._batcher is None or self._batcher.done():
+            raise RuntimeError("the batcher stopped")
 
     # --- prompt -----------------------------------------------------------------
 
@@ -140,33 +236,126 @@ class HFEngine(Engine):
             raise InvalidRequest(f"unknown adapter {req.adapter!r}; this backend has {list(self.adapter_paths)}")
         return ids
 
-    def _run(self, req: GenerationRequest, ids: torch.Tensor, cancel: threading.Event,
-             streamer: BaseStreamer | None = None) -> list[int]:
-        """Blocking generation on the engine's thread; returns the new token ids."""
-        if req.seed is not None:
-            torch.manual_seed(req.seed)
-        sample = req.temperature > 0
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=req.max_tokens,
-            do_sample=sample,
-            stopping_criteria=StoppingCriteriaList([_Cancel(cancel)]),
-            streamer=streamer,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
-        if sample:
-            kwargs.update(temperature=req.temperature, top_p=req.top_p)
-        ids = ids.to(self.device)
-        with torch.inference_mode(), self._adapter(req.adapter):
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        return out[0, ids.shape[1]:].tolist()
+    def _speculation(self, req: GenerationRequest) -> Speculation:
+        method = req.speculation or self.speculation
+        if method not in SPECULATION:
+            raise InvalidRequest(f"speculation must be one of {SPECULATION}, not {method!r}")
+        if method != "none" and self.stateful:
+            raise InvalidRequest("speculative decoding is not available for this (stateful) model")
+        if method == "draft" and self.draft is None:
+            raise InvalidRequest("this backend has no draft model; use speculation 'prompt_lookup' or 'none'")
+        return method
+
+    def _submit(self, req: GenerationRequest) -> _Job:
+        job = _Job(req, self._encode(req), self._speculation(req), asyncio.get_running_loop(), self)
+        self._waiting.append(job)
+        self._wake.set()
+        return job
+
+    # --- batching ---------------------------------------------------------------
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                if len(self._waiting) < self.max_batch_size and self.batch_wait_s > 0:
+                    await asyncio.sleep(self.batch_wait_s)  # let requests sent together arrive together
+                batch = self._take_batch()
+                if not batch:
+                    continue
+                self.running = len(batch)
+                try:
+                    await loop.run_in_executor(self._pool, self._run, batch)
+                finally:
+                    self.running = 0
+
+    def _take_batch(self) -> list[_Job]:
+        """The oldest waiting job and the others that can share its batch; drops cancelled jobs."""
+        for job in [j for j in self._waiting if j.cancel.is_set()]:
+            self._waiting.remove(job)
+            job.close()
+        if not self._waiting:
+            return []
+        key = self._waiting[0].key
+        if key is None:
+            batch = [self._waiting[0]]
+        else:
+            batch = [j for j in self._waiting if j.key == key][: self.max_batch_size]
+        for job in batch:
+            self._waiting.remove(job)
+        return batch
+
+    def _run(self, jobs: list[_Job]) -> None:
+        """One generate() call for the batch, on the engine's thread. Every job is closed at the end."""
+        self.batches += 1
+        try:
+            first = jobs[0].request
+            if first.seed is not None:
+                torch.manual_seed(first.seed)
+            width = max(j.ids.shape[1] for j in jobs)
+            pad = self.tokenizer.pad_token_id
+            ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(jobs), width), dtype=torch.long)
+            for row, job in enumerate(jobs):  # left padding: every row's next token is at the end
+                n = job.ids.shape[1]
+                ids[row, width - n:] = job.ids[0]
+                mask[row, width - n:] = 1
+            rows = _Rows(jobs, width, self.tokenizer.eos_token_id,
+                         lambda t: self.tokenizer.decode(t, skip_special_tokens=True))
+            kwargs: dict[str, Any] = dict(
+                max_new_tokens=max(j.request.max_tokens for j in jobs),
+                do_sample=first.temperature > 0,
+                stopping_criteria=StoppingCriteriaList([rows]),
+                pad_token_id=pad,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
+            if first.temperature > 0:
+                kwargs.update(temperature=first.temperature, top_p=first.top_p)
+            if jobs[0].speculation == "prompt_lookup":
+                kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup_tokens
+            elif jobs[0].speculation == "draft":
+                kwargs.update(assistant_model=self.draft, num_assistant_tokens=self.draft_tokens,
+                              num_assistant_tokens_schedule="constant")
+            with torch.inference_mode(), self._adapter(first.adapter):
+                self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the engine
+            logger.exception("generation failed for a batch of %d", len(jobs))
+            for job in jobs:
+                job.close(RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
+        finally:
+            for job in jobs:
+                job.close()
+
+    # --- adapters ---------------------------------------------------------------
+
+    def _use_adapter(self, name: str) -> None:
+        """Loads `name` if it is not in the model, evicting the least recently used beyond the limit."""
+        if name in self._loaded:
+            self._loaded.move_to_end(name)
+            return
+        if not self._loaded:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, self.adapter_paths[name], adapter_name=name).eval()
+        else:
+            if len(self._loaded) >= self.max_loaded_adapters:
+                evicted, _ = self._loaded.popitem(last=False)
+                self.model.delete_adapter(evicted)
+                logger.info("adapter %s evicted (LRU, %d loaded at most)", evicted, self.max_loaded_adapters)
+            self.model.load_adapter(self.adapter_paths[name], adapter_name=name)
+        self._loaded[name] = None
 
     def _adapter(self, name: str | None):
-        """Selects the request's adapter; the base model when none. Runs on the engine thread only."""
-        if not self.adapter_paths:
-            return contextlib.nullcontext()
+        """Selects the batch's adapter; the base model when none. Runs on the engine thread only."""
+        if not self._loaded:
+            if name is None:
+                return contextlib.nullcontext()
+            self._use_adapter(name)
         if name is None:
             return self.model.disable_adapter()
+        self._use_adapter(name)
         self.model.set_adapter(name)
         return contextlib.nullcontext()
 
@@ -184,33 +373,34 @@ class HFEngine(Engine):
 
     # --- engine API ----------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> Completion:
-        ids = self._encode(request)
-        cancel = threading.Event()
-        loop = asyncio.get_running_loop()
+    async def _tokens(self, job: _Job) -> AsyncIterator[int]:
+        """The job's tokens as they come; cancels the job if the consumer stops early."""
         try:
-            tokens = await loop.run_in_executor(self._pool, self._run, request, ids, cancel)
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
-        text, reason = self._finish(request, tokens, cancel.is_set())
-        return Completion(text, ids.shape[1], len(tokens), reason)
+            while (item := await job.queue.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            if not job.done:
+                job.cancel.set()  # the client went away or the deadline passed: stop at the next token
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        job = self._submit(request)
+        tokens = [t async for t in self._tokens(job)]
+        text, reason = self._finish(request, tokens, job.cancel.is_set())
+        return Completion(text, job.ids.shape[1], len(tokens), reason)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        ids = self._encode(request)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[int | None] = asyncio.Queue()
-        cancel = threading.Event()
-        job = loop.run_in_executor(self._pool, self._run, request, ids, cancel, _TokenQueue(loop, queue))
+        job = self._submit(request)
         tokens: list[int] = []
         sent = 0  # characters of text already streamed
         hold = max((len(s) for s in request.stop), default=1) - 1  # a stop string may still be forming
+        stream = self._tokens(job)
         try:
-            while (token := await queue.get()) is not None:
+            async for token in stream:
                 tokens.append(token)
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 if _first_stop(text, request.stop) is not None:
-                    cancel.set()
                     break
                 safe = len(text) - hold
                 if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
@@ -218,11 +408,10 @@ class HFEngine(Engine):
                 if safe > sent:
                     yield Delta(text[sent:safe])
                     sent = safe
-            await job
         finally:
-            cancel.set()  # the consumer went away (client disconnect) or we are done: stop generating
+            await stream.aclose()  # cancels the job when the consumer (client) went away
         text, reason = self._finish(request, tokens, False)
-        yield Delta(text[sent:], reason, ids.shape[1], len(tokens))
+        yield Delta(text[sent:], reason, job.ids.shape[1], len(tokens))
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:
