@@ -68,6 +68,7 @@ class _Generation(Body):
     seed: int | None = None
     task: Task | None = Field(None, description="Explicit task; otherwise inferred.")
     documents: list[DocumentIn] = Field(default_factory=list, description="Text with page numbers.")
+    ignore_eos: bool = Field(False, description="Generate max_tokens even past end-of-sequence (as vLLM).")
     speculation: Literal["none", "prompt_lookup", "draft"] | None = Field(
         None, description="Speculative decoding for this request; the backend's configured default if unset."
     )

@@ -411,6 +411,7 @@ class Router:
             documents=[(d.text, d.page) for d in body.documents],
             max_tokens=f.max_new_tokens, temperature=body.temperature, top_p=body.top_p,
             stop=body.stop, seed=body.seed, adapter=f.adapter, speculation=body.speculation,
+            ignore_eos=body.ignore_eos,
         )
 
     async def _text(self, endpoint: str, request: Request, body: ChatCompletionRequest | CompletionRequest):

@@ -27,6 +27,7 @@ class GenerationRequest:
     # Speculative decoding for this request: None takes the engine's configured default;
     # "none", "prompt_lookup" or "draft" ask for one (InvalidRequest when the engine lacks it).
     speculation: str | None = None
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (vLLM's option; benchmarks)
 
 
 FinishReason = Literal["stop", "length", "abort"]

@@ -25,6 +25,7 @@ import contextlib
 import importlib.util
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -82,7 +83,7 @@ class _Job:
         r = self.request
         if self.speculation != "none" or r.seed is not None:
             return None
-        return (r.adapter, r.temperature > 0, r.temperature, r.top_p)
+        return (r.adapter, r.temperature > 0, r.temperature, r.top_p, r.ignore_eos)
 
     def emit(self, token: int) -> None:
         self.tokens.append(token)
@@ -112,7 +113,7 @@ class _Rows(StoppingCriteria):
             req = job.request
             for token in row[len(job.tokens):]:
                 job.emit(token)
-                if token == self.eos or len(job.tokens) >= req.max_tokens:
+                if (token == self.eos and not req.ignore_eos) or len(job.tokens) >= req.max_tokens:
                     job.done = True
                     break
             if job.cancel.is_set():
@@ -134,7 +135,8 @@ class HFEngine(Engine):
         max_context: int | None = None,
         adapters: dict[str, str] | None = None,
         max_batch_size: int = 16,
-        batch_wait_ms: float = 2.0,
+        batch_wait_ms: float = 3.0,
+        max_batch_wait_ms: float = 25.0,
         max_loaded_adapters: int = 4,
         speculation: Speculation = "none",
         prompt_lookup_tokens: int = 10,
@@ -150,6 +152,7 @@ class HFEngine(Engine):
         self.model_ref, self.device, self.dtype = model, device, dtype
         self.adapter_paths = dict(adapters or {})
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_ms / 1000
+        self.max_batch_wait_s = max_batch_wait_ms / 1000
         self.max_loaded_adapters = max_loaded_adapters
         self.speculation, self.prompt_lookup_tokens = speculation, prompt_lookup_tokens
         self.draft_ref, self.draft_tokens = draft_model, draft_tokens
@@ -260,8 +263,7 @@ class HFEngine(Engine):
             await self._wake.wait()
             self._wake.clear()
             while self._waiting:
-                if len(self._waiting) < self.max_batch_size and self.batch_wait_s > 0:
-                    await asyncio.sleep(self.batch_wait_s)  # let requests sent together arrive together
+                await self._gather()
                 batch = self._take_batch()
                 if not batch:
                     continue
@@ -270,6 +272,17 @@ class HFEngine(Engine):
                     await loop.run_in_executor(self._pool, self._run, batch)
                 finally:
                     self.running = 0
+
+    async def _gather(self) -> None:
+        """Lets a burst of requests arrive before the batch starts: waits while new ones keep coming
+        (a gap of batch_wait_ms without one ends it), at most max_batch_wait_ms, never for a full batch.
+        A lone request waits one gap."""
+        deadline = time.monotonic() + self.max_batch_wait_s
+        while 0 < len(self._waiting) < self.max_batch_size and time.monotonic() < deadline:
+            seen = len(self._waiting)
+            await asyncio.sleep(self.batch_wait_s)
+            if len(self._waiting) == seen:
+                return
 
     def _take_batch(self) -> list[_Job]:
         """The oldest waiting job and the others that can share its batch; drops cancelled jobs."""
@@ -313,6 +326,8 @@ class HFEngine(Engine):
             )
             if first.temperature > 0:
                 kwargs.update(temperature=first.temperature, top_p=first.top_p)
+            if first.ignore_eos:  # eos is masked out until every row has its max_tokens
+                kwargs["min_new_tokens"] = kwargs["max_new_tokens"]
             if jobs[0].speculation == "prompt_lookup":
                 kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup_tokens
             elif jobs[0].speculation == "draft":

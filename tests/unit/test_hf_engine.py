@@ -165,3 +165,13 @@ def test_mixed_adapters_in_flight_each_get_their_own(models):
 
     solo, mixed = run(go())
     assert mixed == [solo[0], solo[1], solo[2], solo[1]]
+
+
+def test_ignore_eos_runs_to_max_tokens(models):
+    async def go():
+        engine = HFEngine(models["main"])
+        await engine.start()
+        return await asyncio.gather(*(engine.generate(req(p, 40, ignore_eos=True, temperature=1.0, seed=None))
+                                      for p in PROMPTS))
+
+    assert [c.completion_tokens for c in run(go())] == [40] * len(PROMPTS)
