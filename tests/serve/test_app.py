@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import httpx
 import openai
@@ -139,6 +140,37 @@ def test_stop_string_is_cut(client):
     assert r["choices"][0]["finish_reason"] == "stop"
 
 
+def _transformer_info(client) -> dict:
+    models = client.get("/v1/models").json()["data"]
+    return next(m for m in models if m["id"] == "transformer")["switchyard"]
+
+
+def test_client_disconnect_stops_generation(client, server):
+    before = _transformer_info(client)["generated_tokens"]
+    body = {"prompt": "import os", "max_tokens": 1000, "ignore_eos": True, "temperature": 0, "stream": True,
+            "model": "transformer"}
+    with httpx.Client(base_url=server, timeout=30) as c, c.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: "))  # the first chunk came
+    for _ in range(100):  # the stream is closed: the backend must stop within a few tokens
+        info = _transformer_info(client)
+        if info["running"] == 0:
+            break
+        time.sleep(0.05)
+    made = info["generated_tokens"] - before
+    assert info["running"] == 0 and made < 500, info
+
+
+def test_ignore_eos_and_prompt_lookup_speculation(client):
+    body = {"prompt": "def add(a, b):\n    return a + b\n\ndef add(a, b):", "max_tokens": 24, "temperature": 0,
+            "model": "transformer", "ignore_eos": True}
+    plain = client.post("/v1/completions", json=body).json()
+    spec = client.post("/v1/completions", json={**body, "speculation": "prompt_lookup"}).json()
+    assert plain["usage"]["completion_tokens"] == 24
+    assert spec["choices"][0]["text"] == plain["choices"][0]["text"]
+
+
 def test_route_explains_without_running(client):
     r = client.post("/v1/route", json=chat("fix this bug please"))
     body = r.json()
@@ -250,6 +282,8 @@ BAD = [
     ("/v1/chat/completions", chat("x", model="trm"), 400, None),
     ("/v1/chat/completions", chat("x", documents=[{"page": 1}]), 400, "documents.0.text"),
     ("/v1/completions", {"prompt": 42}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "speculation": "medusa"}, 400, "speculation"),
+    ("/v1/completions", {"prompt": "x", "model": "mamba", "speculation": "prompt_lookup"}, 400, None),
     ("/v1/completions", [1, 2], 400, None),
     ("/v1/route", b"[", 400, None),
     ("/v1/refine", {"grid": [[0] * 9] * 8}, 400, "grid"),
