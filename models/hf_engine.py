@@ -7,9 +7,8 @@ A stopping criterion follows every row: it hands each new token to its request's
 and ends the row at its own max_tokens, stop string or cancellation (client gone, deadline passed),
 so one request never holds the others back beyond the batch it is in.
 
-Speculative decoding (per request or by default): prompt lookup (`prompt_lookup_num_tokens`) or a
-draft model (`assistant_model`), transformers' own assisted generation, which runs one request at
-a time and keeps greedy output identical to plain decoding.
+Speculative decoding (per request or by default): prompt lookup or a draft model, through
+models.speculative, one request at a time; greedy output is identical to plain decoding.
 
 Adapters: peft LoRA adapters from the config, loaded on first use and kept in an LRU of
 `max_loaded_adapters`; a batch uses one adapter (or none).
@@ -27,7 +26,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,6 +34,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
+from models import speculative
 from models.engine import Completion, Delta, Engine, GenerationRequest, InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,24 @@ class _Job:
         self.engine.generated += 1
         self.loop.call_soon_threadsafe(self.queue.put_nowait, token)
 
+    def advance(self, new: list[int], eos: int | None, decode: Callable[[list[int]], str]) -> bool:
+        """Hands `new` tokens to the consumer up to the first that ends the job (eos, max_tokens), then
+        checks stop strings and cancellation; closes the job when it is done. Returns done."""
+        req = self.request
+        for token in new:
+            self.emit(token)
+            if (token == eos and not req.ignore_eos) or len(self.tokens) >= req.max_tokens:
+                self.done = True
+                break
+        if self.cancel.is_set():
+            self.done = True
+        elif req.stop and not self.done:
+            tail = decode(self.tokens[-64:])  # a stop string ends within the last few tokens
+            self.done = _first_stop(tail, req.stop) is not None
+        if self.done:
+            self.close()  # its consumer need not wait for the rest of a batch
+        return self.done
+
     def close(self, error: Exception | None = None) -> None:
         """Ends the job's token stream (with `error` raised to its consumer, if given); idempotent."""
         if not self.closed:
@@ -98,9 +116,8 @@ class _Job:
 
 
 class _Rows(StoppingCriteria):
-    """Runs after every decoding step (several tokens at once under speculation): hands each row's new
-    tokens to its job and says which rows are finished: eos, their own max_tokens, a stop string, or
-    cancellation. generate() pads finished rows and stops when every row is finished."""
+    """Runs after every decoding step of a batch: hands each row's new tokens to its job and says which
+    rows are finished. generate() pads finished rows and stops when every row is finished."""
 
     def __init__(self, jobs: list[_Job], prompt_len: int, eos: int | None, decode):
         self.jobs, self.prompt_len, self.eos, self.decode = jobs, prompt_len, eos, decode
@@ -108,21 +125,8 @@ class _Rows(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         new = input_ids[:, self.prompt_len:].tolist()
         for job, row in zip(self.jobs, new):
-            if job.done:
-                continue
-            req = job.request
-            for token in row[len(job.tokens):]:
-                job.emit(token)
-                if (token == self.eos and not req.ignore_eos) or len(job.tokens) >= req.max_tokens:
-                    job.done = True
-                    break
-            if job.cancel.is_set():
-                job.done = True
-            elif req.stop and not job.done:
-                tail = self.decode(job.tokens[-64:])  # a stop string ends within the last few tokens
-                job.done = _first_stop(tail, req.stop) is not None
-            if job.done:
-                job.close()  # its consumer need not wait for the rest of the batch
+            if not job.done:
+                job.advance(row[len(job.tokens):], self.eos, self.decode)
         return torch.tensor([j.done for j in self.jobs], dtype=torch.bool, device=input_ids.device)
 
 
@@ -166,6 +170,7 @@ class HFEngine(Engine):
         self.running = 0  # jobs in the batch that is generating now
         self.batches = 0  # generate() calls so far
         self.generated = 0  # tokens handed to requests so far
+        self.spec_stats = speculative.Stats()  # speculation rounds, guesses checked and kept
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
@@ -211,6 +216,8 @@ class HFEngine(Engine):
             "waiting": len(self._waiting),
             "batches": self.batches,
             "generated_tokens": self.generated,
+            "speculation_rounds": self.spec_stats.rounds,
+            "speculation_acceptance": round(self.spec_stats.accepted / max(1, self.spec_stats.proposed), 3),
             "parameters": sum(p.numel() for p in self.model.parameters()),
         }
 
@@ -301,40 +308,17 @@ class HFEngine(Engine):
         return batch
 
     def _run(self, jobs: list[_Job]) -> None:
-        """One generate() call for the batch, on the engine's thread. Every job is closed at the end."""
+        """Generates for a batch (or one speculating job) on the engine's thread. Every job is closed at the end."""
         self.batches += 1
+        first = jobs[0].request
         try:
-            first = jobs[0].request
             if first.seed is not None:
                 torch.manual_seed(first.seed)
-            width = max(j.ids.shape[1] for j in jobs)
-            pad = self.tokenizer.pad_token_id
-            ids = torch.full((len(jobs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(jobs), width), dtype=torch.long)
-            for row, job in enumerate(jobs):  # left padding: every row's next token is at the end
-                n = job.ids.shape[1]
-                ids[row, width - n:] = job.ids[0]
-                mask[row, width - n:] = 1
-            rows = _Rows(jobs, width, self.tokenizer.eos_token_id,
-                         lambda t: self.tokenizer.decode(t, skip_special_tokens=True))
-            kwargs: dict[str, Any] = dict(
-                max_new_tokens=max(j.request.max_tokens for j in jobs),
-                do_sample=first.temperature > 0,
-                stopping_criteria=StoppingCriteriaList([rows]),
-                pad_token_id=pad,
-                eos_token_id=self.tokenizer.eos_token_id,
-            )
-            if first.temperature > 0:
-                kwargs.update(temperature=first.temperature, top_p=first.top_p)
-            if first.ignore_eos:  # eos is masked out until every row has its max_tokens
-                kwargs["min_new_tokens"] = kwargs["max_new_tokens"]
-            if jobs[0].speculation == "prompt_lookup":
-                kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup_tokens
-            elif jobs[0].speculation == "draft":
-                kwargs.update(assistant_model=self.draft, num_assistant_tokens=self.draft_tokens,
-                              num_assistant_tokens_schedule="constant")
             with torch.inference_mode(), self._adapter(first.adapter):
-                self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+                if jobs[0].speculation == "none":
+                    self._generate(jobs)
+                else:
+                    self._speculate(jobs[0])
         except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the engine
             logger.exception("generation failed for a batch of %d", len(jobs))
             for job in jobs:
@@ -342,6 +326,46 @@ class HFEngine(Engine):
         finally:
             for job in jobs:
                 job.close()
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _generate(self, jobs: list[_Job]) -> None:
+        """One left-padded generate() call; a stopping criterion ends each row on its own."""
+        first = jobs[0].request
+        width = max(j.ids.shape[1] for j in jobs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, job in enumerate(jobs):  # left padding: every row's next token is at the end
+            n = job.ids.shape[1]
+            ids[row, width - n:] = job.ids[0]
+            mask[row, width - n:] = 1
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max(j.request.max_tokens for j in jobs),
+            do_sample=first.temperature > 0,
+            stopping_criteria=StoppingCriteriaList([_Rows(jobs, width, self.tokenizer.eos_token_id, self._decode)]),
+            pad_token_id=pad,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        if first.temperature > 0:
+            kwargs.update(temperature=first.temperature, top_p=first.top_p)
+        if first.ignore_eos:  # eos is masked out until every row has its max_tokens
+            kwargs["min_new_tokens"] = kwargs["max_new_tokens"]
+        self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+
+    def _speculate(self, job: _Job) -> None:
+        """One request through models.speculative with the prompt-lookup or draft proposer."""
+        req, eos = job.request, self.tokenizer.eos_token_id
+        if job.speculation == "draft":
+            proposer: speculative.Proposer = speculative.DraftModel(self.draft, self.draft_tokens)
+        else:
+            proposer = speculative.PromptLookup(self.prompt_lookup_tokens)
+        pick = speculative.greedy if req.temperature == 0 else speculative.sampler(req.temperature, req.top_p)
+        if req.ignore_eos and eos is not None:
+            pick = _without(eos, pick)
+        speculative.generate(self.model, job.ids[0].tolist(), proposer, pick,
+                             lambda new: job.advance(new, eos, self._decode), req.max_tokens, self.spec_stats)
 
     # --- adapters ---------------------------------------------------------------
 
@@ -427,6 +451,17 @@ class HFEngine(Engine):
             await stream.aclose()  # cancels the job when the consumer (client) went away
         text, reason = self._finish(request, tokens, False)
         yield Delta(text[sent:], reason, job.ids.shape[1], len(tokens))
+
+
+def _without(token: int, pick: speculative.Pick) -> speculative.Pick:
+    """`pick` that never picks `token` (ignore_eos)."""
+
+    def masked(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[..., token] = float("-inf")
+        return pick(logits)
+
+    return masked
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:

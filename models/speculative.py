@@ -1,0 +1,142 @@
+"""Speculative decoding of one sequence: a proposer guesses up to k tokens, the model checks them all
+in one forward from its cache, the longest agreeing prefix is kept plus the model's own next token,
+and the cache is cut back to what was kept.
+
+Greedy: a guess is kept when it equals the model's argmax, so the output is the model's greedy
+output, token for token. Sampling: at every checked position a token is drawn from the model's
+distribution (temperature, top_p) and a guess is kept when it equals the draw, so every kept token
+is a draw from the model itself (exact, though a seed gives other draws than plain sampling).
+
+Proposers: `PromptLookup` (the continuation of the latest earlier occurrence of the last n-gram,
+vLLM's and transformers' "n-gram" method) and `DraftModel` (a small model with its own cache,
+greedy). Why this loop and not transformers' assisted generation: transformers calls the draft's
+whole `generate()` every round, whose set-up costs more than the tiny draft's forwards on CPU
+(bench.speculative measures both paths), and it refuses stateful models, which this loop admits
+through the cache's crop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import DynamicCache
+
+
+class Proposer(Protocol):
+    def propose(self, tokens: list[int]) -> list[int]:
+        """Up to k guesses of the tokens after `tokens` (prompt and output so far)."""
+
+    def keep(self, n: int) -> None:
+        """Only the first `n` tokens of the sequence stand (the rest of the last guesses were refused)."""
+
+
+class PromptLookup:
+    """Guesses by copying: finds the latest earlier occurrence of the sequence's last `n` tokens
+    (n from max_ngram down to 1) and proposes the k tokens that followed it."""
+
+    def __init__(self, k: int, max_ngram: int = 3):
+        self.k, self.max_ngram = k, max_ngram
+
+    def propose(self, tokens: list[int]) -> list[int]:
+        seq = torch.tensor(tokens)
+        for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
+            windows = seq[:-1].unfold(0, n, 1)  # (len - n, n): every earlier n-gram
+            hits = (windows == seq[-n:]).all(dim=1).nonzero()
+            if len(hits):
+                start = int(hits[-1]) + n
+                return tokens[start:start + self.k]
+        return []
+
+    def keep(self, n: int) -> None:
+        pass
+
+
+class DraftModel:
+    """Guesses with a small causal LM sharing the tokenizer, greedily, from its own KV cache."""
+
+    def __init__(self, model: torch.nn.Module, k: int):
+        self.model, self.k = model, k
+        self.cache = DynamicCache(config=model.config)
+        self.seen = 0  # tokens of the sequence in self.cache
+
+    def _next(self, ids: list[int]) -> int:
+        x = torch.tensor([ids], device=self.model.device)
+        logits = self.model(input_ids=x, cache=self.cache, use_cache=True, logits_to_keep=1).logits
+        self.seen += len(ids)
+        return int(logits[0, -1].argmax())
+
+    def propose(self, tokens: list[int]) -> list[int]:
+        guesses = [self._next(tokens[self.seen:])]
+        while len(guesses) < self.k:
+            guesses.append(self._next(guesses[-1:]))
+        return guesses
+
+    def keep(self, n: int) -> None:
+        if self.seen > n:
+            self.cache.crop(n - self.seen)
+            self.seen = n
+
+
+@dataclass
+class Stats:
+    rounds: int = 0  # verification forwards
+    proposed: int = 0  # guessed tokens checked
+    accepted: int = 0  # guessed tokens kept
+
+
+Pick = Callable[[torch.Tensor], torch.Tensor]  # logits (n, vocab) -> tokens (n,)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
+def sampler(temperature: float, top_p: float, generator: torch.Generator | None = None) -> Pick:
+    """Draws one token per row from softmax(logits / temperature) cut to the top_p nucleus."""
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # the first token always stays
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    return pick
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, prompt: list[int], proposer: Proposer, pick: Pick,
+             emit: Callable[[list[int]], bool], max_new_tokens: int, stats: Stats | None = None) -> None:
+    """Decodes after `prompt`, handing each round's kept tokens to `emit` until it returns True
+    (eos, max_tokens, a stop string, cancellation: the caller decides) or max_new_tokens are made."""
+    stats = stats if stats is not None else Stats()
+    device = model.device
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=torch.tensor([prompt], device=device), cache=cache, use_cache=True,
+                   logits_to_keep=1).logits[0]
+    tokens = prompt + [int(pick(logits)[-1])]
+    made = 1
+    if emit(tokens[-1:]) or made >= max_new_tokens:
+        return
+    while True:
+        guesses = proposer.propose(tokens)[: max(0, max_new_tokens - made - 1)]
+        x = torch.tensor([tokens[-1:] + guesses], device=device)  # cache holds all but the last token
+        logits = model(input_ids=x, cache=cache, use_cache=True).logits[0]  # (1 + len(guesses), vocab)
+        picked = pick(logits).tolist()
+        n = 0
+        while n < len(guesses) and guesses[n] == picked[n]:
+            n += 1
+        kept = guesses[:n] + [picked[n]]
+        cache.crop(n - len(guesses))  # drop the refused guesses' entries
+        tokens += kept
+        proposer.keep(len(tokens) - 1)
+        stats.rounds += 1
+        stats.proposed += len(guesses)
+        stats.accepted += n
+        made += len(kept)
+        if emit(kept) or made >= max_new_tokens:
+            return
