@@ -1,6 +1,8 @@
-"""The embedded default models: tiny, seeded, built by this code, no download.
+"""The embedded default models: tiny, made by this project's code, no download.
 
-A config names one as `embedded:NAME`; `resolve_model` builds it on first use into
+The transformer, its draft and its adapter are trained (training/lm.py, training/lora.py) and
+committed under models/embedded with a training.json saying how. The others are seeded builds:
+a config names one as `embedded:NAME`; `resolve_model` builds it on first use into
 SWITCHYARD_CACHE (atomic rename under a file lock, so replicas starting together build it
 once) and returns a local path that the ordinary `from_pretrained` loaders read, the same
 loaders that read real checkpoints. Same seed and Python version, same weights.
@@ -23,7 +25,9 @@ from models.settings import CACHE_DIR
 
 logger = logging.getLogger(__name__)
 
-VERSION = 1  # bump when a builder changes its output: the cache key changes with it
+# Trained defaults (training/lm.py, training/lora.py) are committed here, with their training.json.
+TRAINED_DIR = Path(__file__).resolve().parents[1] / "models" / "embedded"
+VERSION = 2  # bump when a builder changes its output: the cache key changes with it
 SEED = 0
 EMBEDDED = "embedded:"
 SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -35,11 +39,11 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer(out: Path, vocab_size: int = 4096, files: int = 200) -> None:
-    """Byte-level BPE trained on the stdlib corpus (about 1 s for 4.7 MB here)."""
+    """Byte-level BPE trained on the first `files` files of the corpus's train split (about 1 s)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from training.corpus import stdlib_texts
+    from training.corpus import texts
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -50,7 +54,7 @@ def build_tokenizer(out: Path, vocab_size: int = 4096, files: int = 200) -> None
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(stdlib_texts(files), trainer)
+    tok.train_from_iterator(texts("train", files), trainer)
     PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<|pad|>",
@@ -70,18 +74,6 @@ def _build_lm(out: Path, make_config: Callable[[int, object], object]) -> None:
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(make_config(len(tok), tok))
     model.save_pretrained(out)
-
-
-def build_llama(out: Path) -> None:
-    """A 4-layer Llama-style decoder with an 8192-token RoPE context (1.3M parameters)."""
-    from transformers import LlamaConfig
-
-    _build_lm(out, lambda vocab, tok: LlamaConfig(
-        vocab_size=vocab, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    ))
 
 
 def build_mamba(out: Path) -> None:
@@ -113,17 +105,24 @@ def build_dinov2(out: Path) -> None:
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
-    "tiny-llama": build_llama,
     "tiny-mamba": build_mamba,
     "tiny-trm": build_trm,
     "tiny-dinov2": build_dinov2,
 }
 
 
+def trained() -> list[str]:
+    """The embedded models trained by training/ code and committed under models/embedded."""
+    return sorted(p.parent.name for p in TRAINED_DIR.glob("*/training.json"))
+
+
 def ensure(name: str, cache: Path = CACHE_DIR) -> Path:
-    """The built model's directory, building it first if this machine has not yet."""
+    """The model's directory: a committed trained one, or a seeded build (made first if missing)."""
+    if (TRAINED_DIR / name / "training.json").exists():
+        return TRAINED_DIR / name
     if name not in BUILDERS:
-        raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(BUILDERS)}")
+        known = ", ".join(sorted([*BUILDERS, *trained()]))
+        raise ValueError(f"unknown embedded model {name!r}; known: {known}")
     target = cache / "embedded" / f"{name}-v{VERSION}"
     if target.exists():
         return target
