@@ -53,7 +53,11 @@ class LMBackend(BackendBase):
         "hf", description="`hf`, or `module:Class` of an Engine subclass taking the same arguments."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights' dtype.")
-    adapters: dict[str, str] = Field(default_factory=dict, description="peft LoRA adapters: name -> path.")
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="peft LoRA adapters: name -> `embedded:NAME`, a local directory or a hub id; "
+        "a request selects one with `model: BACKEND:NAME`.",
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Passed to the engine as keyword arguments: for `hf` batching, speculation and the "

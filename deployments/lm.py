@@ -40,7 +40,7 @@ class LMServer:
             device=cfg.device,
             dtype=cfg.dtype,
             max_context=cfg.capability.max_context,
-            adapters=cfg.adapters,
+            adapters={name: resolve_model(ref) for name, ref in cfg.adapters.items()},
             **cfg.engine_kwargs,
         )
         await self.engine.start()

