@@ -62,7 +62,7 @@ def test_healthz(client):
 
 def test_models_lists_every_backend_with_its_engine(client):
     data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
-    assert set(data) == {"auto", "mamba", "transformer", "trm", "dinov2"}
+    assert set(data) == {"auto", "mamba", "transformer", "transformer:pydoc", "trm", "dinov2"}
     mamba, transformer = data["mamba"]["switchyard"], data["transformer"]["switchyard"]
     assert (mamba["engine"], mamba["architecture"], mamba["kernel"], mamba["device"]) == ("hf", "mamba", "reference", "cpu")
     assert (transformer["architecture"], transformer["kernel"]) == ("llama", None)
@@ -169,6 +169,25 @@ def test_ignore_eos_and_prompt_lookup_speculation(client):
     spec = client.post("/v1/completions", json={**body, "speculation": "prompt_lookup"}).json()
     assert plain["usage"]["completion_tokens"] == 24
     assert spec["choices"][0]["text"] == plain["choices"][0]["text"]
+
+
+def test_draft_speculation_is_plain_greedy(client):
+    body = chat("Rewrite this code:\ndef area(r):\n    return 3.14 * r * r", model="transformer", max_tokens=32)
+    plain = client.post("/v1/chat/completions", json=body).json()
+    spec = client.post("/v1/chat/completions", json={**body, "speculation": "draft"}).json()
+    assert spec["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    assert spec["usage"] == plain["usage"]
+
+
+def test_adapter_is_chosen_per_request(client):
+    code = "def close(self):\n    if self._file is not None:\n        self._file.close()\n        self._file = None"
+    body = chat(f"Write the docstring for this function:\n{code}", model="transformer", max_tokens=16)
+    base = client.post("/v1/chat/completions", json=body).json()
+    tuned = client.post("/v1/chat/completions", json={**body, "model": "transformer:pydoc"}).json()
+    assert tuned["model"] == "transformer:pydoc" and base["model"] == "transformer"
+    assert tuned["choices"][0]["message"]["content"] != base["choices"][0]["message"]["content"]
+    again = client.post("/v1/chat/completions", json=body).json()  # the base model is back for others
+    assert again["choices"][0]["message"]["content"] == base["choices"][0]["message"]["content"]
 
 
 def test_route_explains_without_running(client):

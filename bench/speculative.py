@@ -1,0 +1,116 @@
+"""Speculative decoding on the default transformer, greedy, one request at a time (speculation's
+case: latency of a lone request). Prompts are code-editing chat tasks ("Rewrite this code",
+"Fix this code") on blocks of held-out stdlib files the models never trained on.
+
+Methods, each prompt run by every method in turn (side by side, so machine noise hits all alike):
+  none, prompt_lookup, draft      the hf engine (models/speculative.py's loop), as serve_config.yaml
+                                  configures the transformer backend
+  hf_prompt_lookup, hf_draft      transformers' own generate(prompt_lookup_num_tokens=...) and
+                                  generate(assistant_model=...), for comparison
+
+    python -m bench.speculative [--prompts 12] [--tokens 128]
+
+Last line: one JSON object: per method tokens/s (total tokens over total seconds), median
+seconds per request, speedup over `none`, acceptance (engine methods), and `identical`: whether
+every method's text equals plain greedy decoding's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+
+import torch
+import yaml
+
+from deployments.config import AppConfig
+from models.engine import GenerationRequest
+from models.hf_engine import HFEngine
+from training import corpus
+from training.defaults import resolve_model
+
+ENGINE_METHODS = ("none", "prompt_lookup", "draft")
+HF_METHODS = ("hf_prompt_lookup", "hf_draft")
+
+
+def prompts(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    out = []
+    for i, block in enumerate(corpus.heldout_blocks(n, seed)):
+        broken = corpus.corrupt(block, seed + i) if i % 2 else None
+        task = f"Fix this code:\n{broken[0]}" if broken else f"Rewrite this code:\n{block}"
+        out.append([{"role": "user", "content": task}])
+    return out
+
+
+def transformer_config() -> dict:
+    raw = yaml.safe_load(open("serve_config.yaml"))["applications"][0]["args"]
+    return next(b for b in AppConfig.model_validate(raw).backends if b.name == "transformer").model_dump()
+
+
+async def run(n: int, tokens: int) -> dict:
+    cfg = transformer_config()
+    kwargs = dict(cfg["engine_kwargs"])
+    engine = HFEngine(resolve_model(cfg["model"]), **kwargs)
+    await engine.start()
+    model, tok, draft = engine.model, engine.tokenizer, engine.draft
+    k_draft, k_lookup = kwargs["draft_tokens"], kwargs["prompt_lookup_tokens"]
+
+    def hf(method: str, messages: list[dict[str, str]]) -> tuple[str, int]:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)["input_ids"]
+        extra = ({"prompt_lookup_num_tokens": k_lookup} if method == "hf_prompt_lookup"
+                 else {"assistant_model": draft, "num_assistant_tokens": k_draft,
+                       "num_assistant_tokens_schedule": "constant"})
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, max_new_tokens=tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **extra)
+        new = out[0, ids.shape[1]:].tolist()
+        if new and new[-1] == tok.eos_token_id:
+            new = new[:-1]
+        return tok.decode(new, skip_special_tokens=True), len(new)
+
+    seconds = {m: [] for m in ENGINE_METHODS + HF_METHODS}
+    made = {m: 0 for m in seconds}
+    texts = {m: [] for m in seconds}
+    accepted = {m: [0, 0] for m in ENGINE_METHODS}
+    for i, messages in enumerate(prompts(n)):
+        for method in seconds:
+            before = (engine.spec_stats.accepted, engine.spec_stats.proposed)
+            start = time.perf_counter()
+            if method in ENGINE_METHODS:
+                done = await engine.generate(GenerationRequest(
+                    f"bench-{i}", messages=messages, max_tokens=tokens, temperature=0, speculation=method))
+                text, count = done.text, done.completion_tokens
+                accepted[method][0] += engine.spec_stats.accepted - before[0]
+                accepted[method][1] += engine.spec_stats.proposed - before[1]
+            else:
+                text, count = hf(method, messages)
+            seconds[method].append(time.perf_counter() - start)
+            made[method] += count
+            texts[method].append(text)
+    rate = {m: made[m] / sum(seconds[m]) for m in seconds}
+    return {
+        "prompts": n, "max_tokens": tokens, "draft_tokens": k_draft, "prompt_lookup_tokens": k_lookup,
+        "tokens": made["none"],
+        "tok_s": {m: round(r, 1) for m, r in rate.items()},
+        "median_s": {m: round(statistics.median(s), 3) for m, s in seconds.items()},
+        "speedup": {m: round(rate[m] / rate["none"], 2) for m in seconds if m != "none"},
+        "acceptance": {m: round(a / p, 3) for m, (a, p) in accepted.items() if p},
+        "identical": {m: texts[m] == texts["none"] for m in seconds if m != "none"},
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=12)
+    parser.add_argument("--tokens", type=int, default=128)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args.prompts, args.tokens))))
+
+
+if __name__ == "__main__":
+    main()
