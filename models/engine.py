@@ -51,6 +51,21 @@ class Delta:
     completion_tokens: int = 0
 
 
+def render_documents(documents: list[tuple[str, int | None]]) -> str:
+    """The request's documents as prompt text, each page marked."""
+    return "\n\n".join(f"[page {page}]\n{text}" if page is not None else text for text, page in documents)
+
+
+def prompt_text(request: GenerationRequest, tokenizer: Any) -> str:
+    """The text every engine tokenizes: the chat template applied to the messages (documents as a
+    system turn first), or the documents then the prompt."""
+    docs = render_documents(request.documents)
+    if request.messages is not None:
+        messages = ([{"role": "system", "content": docs}] if docs else []) + request.messages
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{docs}\n\n{request.prompt}" if docs else (request.prompt or "")
+
+
 class InvalidRequest(ValueError):
     """The request is at fault (too long, unknown adapter...): the router answers 400, no fallback."""
 

@@ -35,7 +35,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from models import speculative
-from models.engine import Completion, Delta, Engine, GenerationRequest, InvalidRequest
+from models.engine import Completion, Delta, Engine, GenerationRequest, InvalidRequest, prompt_text
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,6 @@ def mamba_kernel_path(model_type: str, device: str) -> str | None:
         return None
     kernels = all(importlib.util.find_spec(p) is not None for p in ("mamba_ssm", "causal_conv1d"))
     return "mamba-ssm" if kernels and device.startswith("cuda") else "reference"
-
-
-def render_documents(documents: list[tuple[str, int | None]]) -> str:
-    return "\n\n".join(f"[page {page}]\n{text}" if page is not None else text for text, page in documents)
 
 
 Speculation = Literal["none", "prompt_lookup", "draft"]
@@ -230,12 +226,7 @@ class HFEngine(Engine):
     # --- prompt -----------------------------------------------------------------
 
     def _encode(self, req: GenerationRequest) -> torch.Tensor:
-        docs = render_documents(req.documents)
-        if req.messages is not None:
-            messages = ([{"role": "system", "content": docs}] if docs else []) + req.messages
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            text = f"{docs}\n\n{req.prompt}" if docs else (req.prompt or "")
+        text = prompt_text(req, self.tokenizer)
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
         if self.max_context is not None and ids.shape[1] + req.max_tokens > self.max_context:
             raise InvalidRequest(

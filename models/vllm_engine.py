@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from models.engine import Completion, Delta, Engine, FinishReason, GenerationRequest, InvalidRequest
+from models.engine import Completion, Delta, Engine, FinishReason, GenerationRequest, InvalidRequest, prompt_text
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def engine_args(
     (max_loras, max_lora_rank included) override these defaults and pass through as they are.
     """
     if unknown := sorted(set(engine_kwargs) - set(fields)):
-        raise ValueError(f"engine_kwargs {unknown} are not fields of vLLM's AsyncEngineArgs; see vLLM's engine arguments")
+        raise ValueError(f"engine_kwargs {unknown} are not fields of vLLM's AsyncEngineArgs "
+                         "(see vLLM's engine arguments)")
     if clash := sorted(set(engine_kwargs) & set(RESERVED)):
         raise ValueError(f"engine_kwargs {clash} are set from the backend's own fields "
                          f"({', '.join(RESERVED[k] for k in clash)}); remove them from engine_kwargs")
@@ -115,18 +116,6 @@ def sampling_kwargs(request: GenerationRequest) -> dict[str, Any]:
     }
 
 
-def render_prompt(request: GenerationRequest, tokenizer: Any) -> str:
-    """The prompt text, as HFEngine builds it: documents as a system turn (chat) or before the prompt."""
-    # hf_engine imports torch and transformers; vLLM has them loaded by the time a request arrives.
-    from models.hf_engine import render_documents
-
-    docs = render_documents(request.documents)
-    if request.messages is not None:
-        messages = ([{"role": "system", "content": docs}] if docs else []) + request.messages
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"{docs}\n\n{request.prompt}" if docs else (request.prompt or "")
-
-
 def finish_reason(reason: str | None) -> FinishReason:
     if reason not in FINISH_REASONS:  # "error": vLLM failed the request (KV transfer...); the router falls back
         raise RuntimeError(f"vLLM ended the request with finish_reason {reason!r}")
@@ -169,13 +158,15 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         if current_platform.device_type != self.device:
-            raise ValueError(f"device {self.device!r}, but the installed vLLM runs on {current_platform.device_type!r}")
+            raise ValueError(f"device {self.device!r}, but the installed vLLM runs on "
+                             f"{current_platform.device_type!r}")
         # Starts the engine core in a child process and loads the weights (blocking, like vLLM's own server).
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
         self.tokenizer = self.engine.get_tokenizer()
         self.max_context = self.engine.model_config.max_model_len
         # int ids must be unique per adapter for the engine's lifetime: vLLM caches adapters by id.
-        self._loras = {name: LoRARequest(name, i, path) for i, (name, path) in enumerate(self.adapter_paths.items(), 1)}
+        self._loras = {name: LoRARequest(name, i, path)
+                       for i, (name, path) in enumerate(self.adapter_paths.items(), start=1)}
         logger.info("vLLM engine up: %s on %s, max_model_len %s, adapters %s, speculation %s",
                     self.model_ref, self.device, self.max_context, list(self._loras), self.speculation)
 
@@ -209,15 +200,17 @@ class VLLMEngine(Engine):
         if request.adapter is not None and request.adapter not in self._loras:
             raise InvalidRequest(f"unknown adapter {request.adapter!r}; this backend has {list(self._loras)}")
         check_speculation(request.speculation, self.speculation)
-        ids = self.tokenizer.encode(render_prompt(request, self.tokenizer), add_special_tokens=False)
+        ids = self.tokenizer.encode(prompt_text(request, self.tokenizer), add_special_tokens=False)
         if len(ids) + request.max_tokens > self.max_context:
             raise InvalidRequest(f"prompt of {len(ids)} tokens plus max_tokens {request.max_tokens} exceeds "
                                  f"this model's context of {self.max_context} tokens")
         # vLLM aborts by external id, every request sharing it: keep ours unique.
         rid = f"{request.request_id}-{next(self._ids)}"
         params = SamplingParams(**sampling_kwargs(request), output_kind=RequestOutputKind.DELTA)
-        lora = self._loras.get(request.adapter) if request.adapter else None
-        return self.engine.generate({"prompt_token_ids": ids}, params, rid, lora_request=lora), rid, len(ids)
+        # Already tokens: the renderer only wraps them as an engine input (raw prompts are deprecated).
+        (prompt,) = self.engine.renderer.render_cmpl([{"prompt_token_ids": ids}])
+        outputs = self.engine.generate(prompt, params, rid, lora_request=self._loras.get(request.adapter))
+        return outputs, rid, len(ids)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         outputs, rid, prompt_tokens = self._submit(request)

@@ -60,6 +60,10 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     """One event loop for the module: an engine's output handler lives on the loop it started on."""
     loop = asyncio.new_event_loop()
     yield loop
+    pending = asyncio.all_tasks(loop)  # output handlers of the engines shut down above
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     loop.close()
 
 
@@ -69,11 +73,16 @@ def _engine(loop, models, **kwargs) -> VLLMEngine:
     return engine
 
 
+def _stop(engine: VLLMEngine) -> None:
+    engine.engine.shutdown()
+    engine.engine = None  # collected now: vLLM's __del__ at interpreter exit fails on torn-down modules
+
+
 @pytest.fixture(scope="module")
 def plain(loop, models) -> Iterator[VLLMEngine]:
     engine = _engine(loop, models, adapters={"code": models["code"]})
     yield engine
-    engine.engine.shutdown()
+    _stop(engine)
 
 
 def req(prompt: str, max_tokens: int = 24, **kw) -> GenerationRequest:
@@ -86,7 +95,10 @@ def greedy(loop, engine: VLLMEngine, prompts: list[str], **kw) -> list[str]:
 
 def test_concurrent_requests_equal_one_at_a_time(loop, plain):
     solo = [loop.run_until_complete(plain.generate(req(p, 8 + 3 * i))) for i, p in enumerate(PROMPTS)]
-    together = loop.run_until_complete(asyncio.gather(*(plain.generate(req(p, 8 + 3 * i)) for i, p in enumerate(PROMPTS))))
+    async def concurrently():
+        return await asyncio.gather(*(plain.generate(req(p, 8 + 3 * i)) for i, p in enumerate(PROMPTS)))
+
+    together = loop.run_until_complete(concurrently())
     assert [c.text for c in together] == [c.text for c in solo]
     assert [c.completion_tokens for c in together] == [8 + 3 * i for i in range(len(PROMPTS))]
     assert {c.finish_reason for c in together} == {"length"}
@@ -110,7 +122,7 @@ def test_ngram_speculation_keeps_greedy_output(loop, models, plain):
         assert drafted > 0  # the proposer ran
         assert engine.info()["speculation"] == "prompt_lookup"
     finally:
-        engine.engine.shutdown()
+        _stop(engine)
 
 
 def test_lora_adapter_changes_output(loop, plain):
