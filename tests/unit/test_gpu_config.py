@@ -30,9 +30,12 @@ def lm(config: AppConfig, engine: str) -> list[LMBackend]:
     return [b for b in config.backends if isinstance(b, LMBackend) and b.engine == engine]
 
 
-def test_router_and_routing_are_the_cpu_configs():
+def test_routing_is_the_cpu_configs_and_tokens_are_counted_by_the_transformers_tokenizer():
     gpu, cpu = app_args("serve_config.gpu.yaml"), app_args("serve_config.yaml")
-    assert (gpu["router"], gpu["routing"]) == (cpu["router"], cpu["routing"])
+    assert gpu["routing"] == cpu["routing"]
+    assert {**gpu["router"], "tokenizer": None} == {**cpu["router"], "tokenizer": None}
+    transformer = next(b for b in gpu["backends"] if b["name"] == "transformer")
+    assert gpu["router"]["tokenizer"] == transformer["model"]
     assert [b["name"] for b in gpu["backends"]] == [b["name"] for b in cpu["backends"]]
 
 
