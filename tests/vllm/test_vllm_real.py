@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -189,3 +190,25 @@ def test_request_errors(loop, plain):
 def test_unknown_engine_kwarg_fails_at_construction(models):
     with pytest.raises(ValueError, match=r"\['max_batch_size'\]"):
         VLLMEngine(model=models["main"], device=_device(), max_batch_size=16)
+
+
+def test_shipped_default_and_its_adapter(loop):
+    """The committed tiny-llama and its pydoc adapter (trained by training/) load in vLLM as they are:
+    peft's format is the one both engines read."""
+    from training.defaults import TRAINED_DIR
+
+    engine = VLLMEngine(model=str(TRAINED_DIR / "tiny-llama"), device=_device(), dtype="float32", max_context=1024,
+                        adapters={"pydoc": str(TRAINED_DIR / "tiny-llama-pydoc-lora")}, **SMALL)
+    loop.run_until_complete(engine.start())
+    try:
+        rows = (Path(__file__).resolve().parents[2] / "training/data/pydoc.eval.jsonl").read_text().splitlines()[:4]
+        asks = [json.loads(r)["messages"][:1] for r in rows]
+
+        def answers(adapter):
+            return [loop.run_until_complete(engine.generate(GenerationRequest(
+                "d", messages=m, max_tokens=16, temperature=0, adapter=adapter))).text for m in asks]
+
+        base, tuned = answers(None), answers("pydoc")
+        assert tuned != base and all(base)
+    finally:
+        _stop(engine)
