@@ -118,9 +118,9 @@ def test_a_consumer_that_goes_away_stops_its_generation(models):
     async def go():
         engine = HFEngine(models["main"])
         await engine.start()
-        full = await engine.generate(req(PROMPTS[1], 300, temperature=0.9, seed=3))
+        full = await engine.generate(req(PROMPTS[1], 300, temperature=0.9, seed=3, ignore_eos=True))
         before = engine.generated
-        stream = engine.stream(req(PROMPTS[1], 300, temperature=0.9, seed=3))
+        stream = engine.stream(req(PROMPTS[1], 300, temperature=0.9, seed=3, ignore_eos=True))
         async for _ in stream:
             break
         await stream.aclose()  # what Serve does when the client disconnects
