@@ -58,9 +58,9 @@ def blocks_of(text: str, min_lines: int = 3, max_lines: int = 24) -> list[str]:
     return blocks
 
 
-def heldout_blocks(n: int, seed: int = 0) -> list[str]:
+def heldout_blocks(n: int, seed: int = 0, max_lines: int = 24) -> list[str]:
     """`n` code blocks from held-out files, a seeded sample: prompts no model here trained on."""
-    blocks = [b for t in texts("heldout") for b in blocks_of(t)]
+    blocks = [b for t in texts("heldout") for b in blocks_of(t, max_lines=max_lines)]
     return random.Random(seed).sample(blocks, min(n, len(blocks)))
 
 
