@@ -18,8 +18,6 @@ import json
 import statistics
 import time
 
-import yaml
-
 from deployments import serve_env
 
 serve_env.apply()  # before Ray is imported, as `make serve` runs it
@@ -84,8 +82,7 @@ def main() -> None:
 
     from deployments.lm import LMServer
 
-    raw = yaml.safe_load(open("serve_config.yaml"))["applications"][0]["args"]
-    backend = next(b for b in AppConfig.model_validate(raw).backends if b.name == args.backend)
+    backend = AppConfig.from_serve_config().backend(args.backend)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     options = backend.deployment.options() | {"max_ongoing_requests": max(args.concurrency, 16)}
     handle = serve.run(serve.deployment(LMServer, name=args.backend, **options).bind(backend), name="bench",

@@ -18,7 +18,6 @@ import statistics
 import time
 
 import httpx
-import yaml
 
 from deployments import serve_env
 
@@ -127,8 +126,7 @@ def main() -> None:
     from deployments.app import build_app
     from deployments.lm import LMServer
 
-    raw = yaml.safe_load(open("serve_config.yaml"))["applications"][0]["args"]
-    cfg = AppConfig.model_validate(raw)
+    cfg = AppConfig.from_serve_config()
     decide_us, features_us = policy_us(cfg)
 
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")

@@ -25,7 +25,6 @@ import statistics
 import time
 
 import torch
-import yaml
 
 from deployments.config import AppConfig
 from models.engine import GenerationRequest
@@ -46,15 +45,10 @@ def prompts(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
     return out
 
 
-def transformer_config() -> dict:
-    raw = yaml.safe_load(open("serve_config.yaml"))["applications"][0]["args"]
-    return next(b for b in AppConfig.model_validate(raw).backends if b.name == "transformer").model_dump()
-
-
 async def run(n: int, tokens: int) -> dict:
-    cfg = transformer_config()
-    kwargs = dict(cfg["engine_kwargs"])
-    engine = HFEngine(resolve_model(cfg["model"]), **kwargs)
+    cfg = AppConfig.from_serve_config().backend("transformer")
+    kwargs = dict(cfg.engine_kwargs)
+    engine = HFEngine(resolve_model(cfg.model), **kwargs)
     await engine.start()
     model, tok, draft = engine.model, engine.tokenizer, engine.draft
     k_draft, k_lookup = kwargs["draft_tokens"], kwargs["prompt_lookup_tokens"]

@@ -5,8 +5,10 @@ A mistake fails at start with the path of the bad value (pydantic's message), no
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from routing.config import Capability, RoutingConfig
@@ -123,3 +125,11 @@ class AppConfig(Strict):
         if reserved := {"auto", "router"} & set(names):
             raise ValueError(f"{sorted(reserved)} are reserved names and cannot name a backend")
         return self
+
+    @classmethod
+    def from_serve_config(cls, path: str | Path = "serve_config.yaml") -> AppConfig:
+        """The `args:` of a serve config's first application, validated (benchmarks start from it)."""
+        return cls.model_validate(yaml.safe_load(Path(path).read_text())["applications"][0]["args"])
+
+    def backend(self, name: str) -> Backend:
+        return next(b for b in self.backends if b.name == name)
