@@ -1,4 +1,4 @@
-"""Train the embedded default transformer and its speculative draft on the stdlib corpus.
+"""Train the embedded default transformer, its speculative draft and the default Mamba on the stdlib corpus.
 
 Half of each batch is plain source (random windows of the train split), half is chat tasks made
 from the same files: "Rewrite this code", "Fix this code" (a seeded corruption, see corpus.py)
@@ -8,6 +8,10 @@ reported next to the uniform and unigram baselines in the output's training.json
 
     python -m training.lm --model tiny-llama          # about 25 min on 2 cores
     python -m training.lm --model tiny-llama-draft    # about 5 min
+    python -m training.lm --model tiny-mamba          # about 30 min
+
+The Mamba trains through models.mamba.forward (transformers' reference scan is far slower to
+backpropagate on CPU) and is saved as an ordinary transformers MambaForCausalLM checkpoint.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM,
+                          PreTrainedTokenizerBase)
 
+from models import mamba
 from training import corpus
 from training.defaults import SEED, TRAINED_DIR, build_tokenizer
 
@@ -38,9 +44,11 @@ logger = logging.getLogger(__name__)
 class Preset:
     hidden: int
     layers: int
-    intermediate: int
-    heads: int
-    kv_heads: int
+    intermediate: int = 0  # llama only
+    heads: int = 0  # llama only
+    kv_heads: int = 0  # llama only
+    arch: str = "llama"  # or "mamba"
+    state: int = 16  # mamba only
     steps: int = 1200
     batch: int = 16
     seq: int = 256
@@ -53,11 +61,19 @@ class Preset:
 PRESETS = {
     "tiny-llama": Preset(hidden=256, layers=4, intermediate=688, heads=8, kv_heads=4),
     "tiny-llama-draft": Preset(hidden=64, layers=2, intermediate=176, heads=4, kv_heads=2, lr=3e-3),
+    # Same width and depth as tiny-llama; fewer steps, as a Mamba step costs about 3x on CPU.
+    "tiny-mamba": Preset(hidden=256, layers=4, arch="mamba", steps=500),
 }
 TASKS = ("Rewrite this code:", "Fix this code:", "Continue this code:")
 
 
-def model_config(preset: Preset, tok: PreTrainedTokenizerBase) -> LlamaConfig:
+def model_config(preset: Preset, tok: PreTrainedTokenizerBase) -> LlamaConfig | MambaConfig:
+    if preset.arch == "mamba":
+        return MambaConfig(
+            vocab_size=len(tok), hidden_size=preset.hidden, state_size=preset.state,
+            num_hidden_layers=preset.layers, expand=2, conv_kernel=4, tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )
     return LlamaConfig(
         vocab_size=len(tok), hidden_size=preset.hidden, intermediate_size=preset.intermediate,
         num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
@@ -135,6 +151,13 @@ def eval_windows(stream: torch.Tensor, n: int, seq: int, seed: int = SEED) -> to
     return torch.stack([stream[s:s + seq] for s in starts.tolist()])
 
 
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss; Mamba through models.mamba, whose scan backpropagates fast on CPU."""
+    if model.config.model_type == "mamba":
+        return mamba.loss(model, x, y)
+    return model(input_ids=x, labels=y).loss
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = 16) -> float:
     model.eval()
@@ -142,7 +165,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = 16) -
     for i in range(0, len(windows), batch):
         x = windows[i:i + batch]
         predicted = x.numel() - len(x)  # every position but each row's first
-        total += model(input_ids=x, labels=x).loss.item() * predicted  # the loss is a mean over them
+        total += lm_loss(model, x, x).item() * predicted  # the loss is a mean over them
         count += predicted
     return math.exp(total / count)
 
@@ -168,7 +191,8 @@ def train(name: str, preset: Preset, out: Path, steps: int | None = None, eval_n
     logger.info("%s: %d train tokens, %d held-out tokens, %d chat examples",
                 name, len(train_stream), len(heldout), len(chats))
 
-    model = LlamaForCausalLM(model_config(preset, tok))
+    model_class = MambaForCausalLM if preset.arch == "mamba" else LlamaForCausalLM
+    model = model_class(model_config(preset, tok))
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, preset.warmup))
@@ -178,7 +202,7 @@ def train(name: str, preset: Preset, out: Path, steps: int | None = None, eval_n
     for _ in bar:
         model.train()
         x, y = next(data)
-        loss = model(input_ids=x, labels=y).loss
+        loss = lm_loss(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,0 +1,88 @@
+"""Mamba-1 forward from a given state, in PyTorch, over the weights of transformers' MambaForCausalLM.
+
+transformers runs a multi-token forward from zero state only (its scan has no initial state, like
+the mamba-ssm kernel), and one token at a time from a cached state. Speculative decoding needs a
+third thing: k tokens at once from the cached state, and the state after each of them, so that the
+state can be rolled back to the last accepted token without a second forward. `forward` does that.
+
+The same function trains the embedded default: transformers' reference scan indexes a (batch, dim,
+time, state) tensor step by step, and the backward of each index allocates the whole tensor again
+(100 s a step for the tiny default on 2 cores); stepping over `unbind`ed slices costs about 1 s.
+
+The modules are called as modules (in_proj, x_proj, out_proj, embeddings), so peft adapters on them
+apply here as they do in transformers. dt_proj is read as a Linear too, unlike in transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class State:
+    """Per layer: the conv's last K-1 inputs (batch, inner, K-1) and the SSM state (batch, inner, N)."""
+
+    conv: list[torch.Tensor]
+    ssm: list[torch.Tensor]
+
+
+def zero_state(model: torch.nn.Module, batch: int = 1) -> State:
+    cfg, p = model.config, next(model.parameters())
+    conv = [torch.zeros(batch, cfg.intermediate_size, cfg.conv_kernel - 1, device=p.device, dtype=p.dtype)
+            for _ in range(cfg.num_hidden_layers)]
+    ssm = [torch.zeros(batch, cfg.intermediate_size, cfg.state_size, device=p.device, dtype=torch.float32)
+           for _ in range(cfg.num_hidden_layers)]
+    return State(conv, ssm)
+
+
+def _mixer(m: torch.nn.Module, hidden: torch.Tensor, conv0: torch.Tensor, h0: torch.Tensor, keep: bool):
+    """One MambaMixer over `hidden` (batch, T, H) from (conv0, h0). Returns the output, the conv's whole
+    input (batch, inner, K-1+T) and the SSM states after each position (keep) or the last one."""
+    x, z = m.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, inner, T) each
+    xin = torch.cat([conv0, x], dim=-1)
+    x = m.act(F.conv1d(xin, m.conv1d.weight, m.conv1d.bias, groups=m.intermediate_size)).transpose(1, 2)
+    dt, B, C = torch.split(m.x_proj(x), [m.time_step_rank, m.ssm_state_size, m.ssm_state_size], dim=-1)
+    dt = F.softplus(m.dt_proj(dt).float())  # (batch, T, inner)
+    A = -torch.exp(m.A_log.float())  # (inner, N)
+    decay = torch.exp(dt[..., None] * A)  # (batch, T, inner, N)
+    push = (dt * x.float())[..., None] * B.float()[:, :, None, :]
+    h, ys, states = h0, [], []
+    for a, u, c in zip(decay.unbind(1), push.unbind(1), C.float().unbind(1)):
+        h = a * h + u
+        ys.append((h @ c.unsqueeze(-1)).squeeze(-1))
+        if keep:
+            states.append(h)
+    y = (torch.stack(ys, dim=1) + x.float() * m.D.float()) * F.silu(z.transpose(1, 2).float())
+    return m.out_proj(y.to(hidden.dtype)), xin, (torch.stack(states, dim=1) if keep else h)
+
+
+def forward(model: torch.nn.Module, ids: torch.Tensor, state: State | None = None, keep: bool = False,
+            logits_to_keep: int = 0) -> tuple[torch.Tensor, list[State] | State]:
+    """Logits for `ids` (batch, T) after `state` (zero when None), and the state after the last token,
+    or with `keep` the states after every token (a list of T), for rollback."""
+    backbone = model.backbone
+    state = state or zero_state(model, ids.shape[0])
+    hidden = backbone.embeddings(ids)
+    T, k = ids.shape[1], model.config.conv_kernel - 1
+    convs, ssms = [], []
+    for i, block in enumerate(backbone.layers):
+        residual = hidden.float() if block.residual_in_fp32 else hidden
+        out, xin, h = _mixer(block.mixer, block.norm(hidden.to(block.norm.weight.dtype)), state.conv[i],
+                             state.ssm[i], keep)
+        hidden = residual + out  # the residual stream stays float32 when residual_in_fp32, as in transformers
+        convs.append(xin)
+        ssms.append(h)
+    hidden = backbone.norm_f(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+    logits = model.lm_head(hidden.to(model.lm_head.weight.dtype)).float()
+    if not keep:
+        return logits, State([c[..., -k:] for c in convs], ssms)
+    return logits, [State([c[..., t + 1:t + 1 + k] for c in convs], [h[:, t] for h in ssms]) for t in range(T)]
+
+
+def loss(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, labels -100 ignored (what transformers' `labels=` computes)."""
+    logits, _ = forward(model, ids)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
