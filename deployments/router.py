@@ -452,6 +452,7 @@ class Router:
         f = self._features("route", body)
         d = self._decide(f)
         return {"backend": d.backend, "fallbacks": list(d.fallbacks), "scores": d.scores, "excluded": d.excluded,
+                "predicted_s": d.predicted_s,
                 "reason": d.reason, "task": d.task, "task_source": d.task_source,
                 "features": {"tokens": f.tokens, "pages": f.pages, "modality": f.modality,
                              "max_new_tokens": f.max_new_tokens}}

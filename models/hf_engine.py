@@ -8,7 +8,8 @@ and ends the row at its own max_tokens, stop string or cancellation (client gone
 so one request never holds the others back beyond the batch it is in.
 
 Speculative decoding (per request or by default): prompt lookup or a draft model, through
-models.speculative, one request at a time; greedy output is identical to plain decoding.
+models.speculative, one request at a time; greedy output is identical to plain decoding. Mamba-1
+models speculate too, with the SSM state rolled back to the last accepted token (models.mamba).
 
 Adapters: peft LoRA adapters from the config, loaded on first use and kept in an LRU of
 `max_loaded_adapters`; a batch uses one adapter (or none).
@@ -34,7 +35,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
-from models import speculative
+from models import mamba, speculative
 from models.engine import Completion, Delta, Engine, GenerationRequest, InvalidRequest, prompt_text
 
 logger = logging.getLogger(__name__)
@@ -180,9 +181,12 @@ class HFEngine(Engine):
         model = AutoModelForCausalLM.from_pretrained(self.model_ref, dtype=_DTYPES[self.dtype])
         self.model = model.to(self.device).eval()
         cfg = self.model.config
-        self.stateful = cfg.model_type.startswith("mamba")
-        if self.stateful and self.speculation != "none":
-            raise ValueError("transformers refuses speculative decoding for stateful (Mamba) models")
+        if cfg.model_type == "mamba" and mamba_kernel_path(cfg.model_type, self.device) == "reference":
+            mamba.use_fast_conv()
+        self.can_speculate = speculative.supports(self.model)
+        if not self.can_speculate and self.speculation != "none":
+            raise ValueError(f"speculative decoding is not available for {cfg.model_type} models (Mamba-1 and "
+                             "attention models only)")
         for name in list(self.adapter_paths)[: self.max_loaded_adapters]:
             self._use_adapter(name)
         if self.draft_ref is not None:
@@ -241,8 +245,9 @@ class HFEngine(Engine):
         method = req.speculation or self.speculation
         if method not in SPECULATION:
             raise InvalidRequest(f"speculation must be one of {SPECULATION}, not {method!r}")
-        if method != "none" and self.stateful:
-            raise InvalidRequest("speculative decoding is not available for this (stateful) model")
+        if method != "none" and not self.can_speculate:
+            raise InvalidRequest(f"speculative decoding is not available for this backend's "
+                                 f"{self.model.config.model_type} model")
         if method == "draft" and self.draft is None:
             raise InvalidRequest("this backend has no draft model; use speculation 'prompt_lookup' or 'none'")
         return method

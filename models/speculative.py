@@ -1,6 +1,8 @@
 """Speculative decoding of one sequence: a proposer guesses up to k tokens, the model checks them all
 in one forward from its cache, the longest agreeing prefix is kept plus the model's own next token,
-and the cache is cut back to what was kept.
+and the cache is cut back to what was kept. For Mamba the "cache" is the recurrent state:
+models.mamba checks the k guesses in one forward from the state and keeps the state after every
+position, and the rollback picks the state after the last kept token (no second forward).
 
 Greedy: a guess is kept when it equals the model's argmax, so the output is the model's greedy
 output, token for token. Sampling: at every checked position a token is drawn from the model's
@@ -12,7 +14,7 @@ vLLM's and transformers' "n-gram" method) and `DraftModel` (a small model with i
 greedy). Why this loop and not transformers' assisted generation: transformers calls the draft's
 whole `generate()` every round, whose set-up costs more than the tiny draft's forwards on CPU
 (bench.speculative measures both paths), and it refuses stateful models, which this loop admits
-through the cache's crop.
+through the state rollback above (transformers refuses assisted generation for Mamba).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Protocol
 
 import torch
 from transformers import DynamicCache
+
+from models import mamba
 
 
 class Proposer(Protocol):
@@ -80,6 +84,47 @@ class DraftModel:
             self.seen = n
 
 
+class _KV:
+    """An attention model's KV cache: refused guesses are cropped off."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.cache = model, DynamicCache(config=model.config)
+
+    def forward(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
+        x = torch.tensor([ids], device=self.model.device)
+        return self.model(input_ids=x, cache=self.cache, use_cache=True, logits_to_keep=int(last_only)).logits[0]
+
+    def rollback(self, refused: int) -> None:
+        if refused:
+            self.cache.crop(-refused)
+
+
+class _SSM:
+    """A Mamba model's recurrent state: the forward keeps the state after each position and the
+    rollback takes the one after the last kept token."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.state, self.states = model, None, []
+
+    def forward(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
+        x = torch.tensor([ids], device=self.model.device)
+        if last_only:  # the prompt: no rollback within it
+            logits, self.state = mamba.forward(self.model, x, self.state, logits_to_keep=1)
+            self.states = [self.state]
+        else:
+            logits, self.states = mamba.forward(self.model, x, self.state, keep=True)
+        return logits[0]
+
+    def rollback(self, refused: int) -> None:
+        self.state = self.states[len(self.states) - 1 - refused]
+
+
+def supports(model: torch.nn.Module) -> bool:
+    """Whether this loop can speculate for the model: attention models with a KV cache, and Mamba-1."""
+    model_type = model.config.model_type
+    return model_type == "mamba" or not model_type.startswith("mamba")
+
+
 @dataclass
 class Stats:
     rounds: int = 0  # verification forwards
@@ -114,24 +159,23 @@ def generate(model: torch.nn.Module, prompt: list[int], proposer: Proposer, pick
     """Decodes after `prompt`, handing each round's kept tokens to `emit` until it returns True
     (eos, max_tokens, a stop string, cancellation: the caller decides) or max_new_tokens are made."""
     stats = stats if stats is not None else Stats()
-    device = model.device
-    cache = DynamicCache(config=model.config)
-    logits = model(input_ids=torch.tensor([prompt], device=device), cache=cache, use_cache=True,
-                   logits_to_keep=1).logits[0]
+    if not supports(model):
+        raise ValueError(f"speculative decoding is not available for {model.config.model_type} models")
+    target = _SSM(model) if model.config.model_type == "mamba" else _KV(model)
+    logits = target.forward(prompt, last_only=True)
     tokens = prompt + [int(pick(logits)[-1])]
     made = 1
     if emit(tokens[-1:]) or made >= max_new_tokens:
         return
     while True:
         guesses = proposer.propose(tokens)[: max(0, max_new_tokens - made - 1)]
-        x = torch.tensor([tokens[-1:] + guesses], device=device)  # cache holds all but the last token
-        logits = model(input_ids=x, cache=cache, use_cache=True).logits[0]  # (1 + len(guesses), vocab)
+        logits = target.forward(tokens[-1:] + guesses)  # the cache holds all but the last token
         picked = pick(logits).tolist()
         n = 0
         while n < len(guesses) and guesses[n] == picked[n]:
             n += 1
         kept = guesses[:n] + [picked[n]]
-        cache.crop(n - len(guesses))  # drop the refused guesses' entries
+        target.rollback(len(guesses) - n)  # drop the refused guesses
         tokens += kept
         proposer.keep(len(tokens) - 1)
         stats.rounds += 1

@@ -9,6 +9,8 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from routing.cost import CostModel
+
 Modality = Literal["text", "image", "grid"]
 
 Task = Literal[
@@ -40,6 +42,10 @@ class Capability(Strict):
     strength: float = Field(0.5, ge=0, le=1, description="Output quality relative to the other backends.")
     efficiency: float = Field(0.5, ge=0, le=1, description="Resource efficiency: 1 is the cheapest to run.")
     max_context: int = Field(gt=0, description="Longest prompt plus new tokens the backend accepts.")
+    cost: CostModel | None = Field(
+        None, description="Measured latency curves (bench.long_context --write); text backends with one are "
+        "ranked by predicted latency under strategy 'cost'."
+    )
 
     @field_validator("tasks")
     @classmethod
@@ -86,6 +92,11 @@ class Rule(Strict):
 
 
 class RoutingConfig(Strict):
+    strategy: Literal["cost", "score"] = Field(
+        "cost",
+        description="cost: among the backends that can serve the request, the lowest predicted latency "
+        "(backends without a cost model follow, by score); score: the weighted score alone.",
+    )
     weights: Weights = Field(default_factory=Weights, description="Score weights.")
     default_task: Task = Field("text_generation", description="Task when neither request nor rule names one.")
     rules: list[Rule] = Field(default_factory=list, description="Task rules, tried in order; first match wins.")

@@ -1,4 +1,8 @@
-"""The routing decision: hard filters, then a weighted score, then an ordered fallback plan.
+"""The routing decision: hard filters, then a ranking, then an ordered fallback plan.
+
+The ranking (RoutingConfig.strategy): "cost" puts the candidates with a measured cost model first,
+by predicted latency for this prompt length and max_tokens, scaled by their load (routing.cost),
+and the others after them by score; "score" ranks by the weighted score alone.
 
 Plain functions over plain data (no Ray, torch or FastAPI), so a decision costs microseconds
 and every case is a table row in tests/unit/test_policy.py.
@@ -12,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from routing.config import TASKS, Capability, RoutingConfig, Rule
+from routing.cost import load_factor
 from routing.features import Features
 
 ErrorKind = Literal["invalid", "not_found", "unavailable"]
@@ -47,6 +52,7 @@ class Decision:
     reason: str
     scores: dict[str, float]  # every backend's score, filtered ones included
     excluded: dict[str, str] = field(default_factory=dict)  # backend -> why it is not a candidate
+    predicted_s: dict[str, float] = field(default_factory=dict)  # load-adjusted latency, backends with a cost model
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -141,13 +147,36 @@ class Policy:
         for n in names:
             if (reason := self._exclusion(n, task, f, states.get(n))) is not None:
                 excluded[n] = reason
-        ranked = sorted((n for n in names if n not in excluded), key=lambda n: -scores[n])
+        predicted = self.predict(f, states)
+        by_cost = self.config.strategy == "cost"
+
+        def rank(n: str) -> tuple:
+            if by_cost and n in predicted:
+                return (0, predicted[n])
+            return (1, -scores[n])
+
+        ranked = sorted((n for n in names if n not in excluded), key=rank)
         if not ranked:
             raise _no_route(f, task, excluded)
         best = ranked[0]
-        how = "pinned by model" if f.backend is not None else f"best score {scores[best]:.3f}"
+        if f.backend is not None:
+            how = "pinned by model"
+        elif by_cost and best in predicted:
+            how = f"lowest predicted latency {predicted[best]:.3f} s"
+        else:
+            how = f"best score {scores[best]:.3f}"
         reason = f"task {task} ({source}: {why}); {best}: {how}"
-        return Decision(best, tuple(ranked[1:]), task, source, reason, scores, excluded)
+        return Decision(best, tuple(ranked[1:]), task, source, reason, scores, excluded, predicted)
+
+    def predict(self, f: Features, states: Mapping[str, BackendState]) -> dict[str, float]:
+        """Predicted seconds for the request on every backend with a cost model, scaled by its load."""
+        out = {}
+        for name, cap in self.backends.items():
+            if cap.cost is not None:
+                state = states.get(name)
+                factor = load_factor(state.busy) if state is not None else 1.0
+                out[name] = round(cap.cost.predict_s(f.tokens, f.max_new_tokens) * factor, 6)
+        return out
 
 
 def _no_route(f: Features, task: str, excluded: dict[str, str]) -> RoutingError:

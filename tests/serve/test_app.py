@@ -302,7 +302,7 @@ BAD = [
     ("/v1/chat/completions", chat("x", documents=[{"page": 1}]), 400, "documents.0.text"),
     ("/v1/completions", {"prompt": 42}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "speculation": "medusa"}, 400, "speculation"),
-    ("/v1/completions", {"prompt": "x", "model": "mamba", "speculation": "prompt_lookup"}, 400, None),
+    ("/v1/completions", {"prompt": "x", "model": "mamba", "speculation": "draft"}, 400, None),
     ("/v1/completions", [1, 2], 400, None),
     ("/v1/route", b"[", 400, None),
     ("/v1/refine", {"grid": [[0] * 9] * 8}, 400, "grid"),

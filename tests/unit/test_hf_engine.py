@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig,
+                          MambaForCausalLM)
 
 from models.engine import GenerationRequest, InvalidRequest
 from models.hf_engine import HFEngine
@@ -43,7 +44,18 @@ def models(tmp_path_factory) -> dict[str, str]:
         lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
         get_peft_model(base, lora).save_pretrained(root / name)
         adapters[name] = str(root / name)
-    return {"main": str(main), "draft": str(draft), **adapters}
+    tok = AutoTokenizer.from_pretrained(root / "tok")
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    torch.manual_seed(2)
+    MambaForCausalLM(MambaConfig(hidden_size=64, state_size=8, num_hidden_layers=2, **ids)).save_pretrained(root / "mamba")
+    torch.manual_seed(3)
+    Mamba2ForCausalLM(Mamba2Config(hidden_size=64, num_heads=4, head_dim=32, state_size=8, num_hidden_layers=2,
+                                   n_groups=1, **ids)).save_pretrained(root / "mamba2")
+    for name in ("mamba", "mamba2"):
+        tok.save_pretrained(root / name)
+    return {"main": str(main), "draft": str(draft), "mamba": str(root / "mamba"), "mamba2": str(root / "mamba2"),
+            **adapters}
 
 
 def run(coro):
@@ -54,9 +66,10 @@ def req(prompt: str, max_tokens: int = 12, **kw) -> GenerationRequest:
     return GenerationRequest("t", prompt=prompt, max_tokens=max_tokens, temperature=kw.pop("temperature", 0), **kw)
 
 
-def test_batched_greedy_equals_one_at_a_time(models):
+@pytest.mark.parametrize("model", ["main", "mamba", "mamba2"])
+def test_batched_greedy_equals_one_at_a_time(models, model):
     async def go():
-        engine = HFEngine(models["main"])
+        engine = HFEngine(models[model])
         await engine.start()
         solo = [await engine.generate(req(p, 8 + 3 * i)) for i, p in enumerate(PROMPTS)]
         before = engine.batches
@@ -82,6 +95,32 @@ def test_speculation_keeps_greedy_output(models, method):
 
     plain, spec = run(go())
     assert [c.text for c in spec] == [c.text for c in plain]
+
+
+def test_mamba_speculation_keeps_greedy_output(models):
+    async def go():
+        engine = HFEngine(models["mamba"])
+        await engine.start()
+        plain = [await engine.generate(req(p * 3, 24)) for p in PROMPTS]
+        spec = [await engine.generate(req(p * 3, 24, speculation="prompt_lookup")) for p in PROMPTS]
+        return plain, spec, engine.info()
+
+    plain, spec, info = run(go())
+    assert [c.text for c in spec] == [c.text for c in plain]
+    assert info["speculation_rounds"] > 0 and info["kernel"] == "reference"
+
+
+def test_mamba2_refuses_speculation_per_request_and_in_the_config(models):
+    async def go():
+        engine = HFEngine(models["mamba2"])
+        await engine.start()
+        with pytest.raises(InvalidRequest, match="not available for this backend's mamba2 model"):
+            await engine.generate(req("x", speculation="prompt_lookup"))
+        assert engine.info()["architecture"] == "mamba2"
+
+    run(go())
+    with pytest.raises(ValueError, match="not available for mamba2"):
+        run(HFEngine(models["mamba2"], speculation="prompt_lookup").start())
 
 
 def test_speculation_that_is_not_configured_is_a_request_error(models):

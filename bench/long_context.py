@@ -1,0 +1,188 @@
+"""Prefill and decode cost against context length for the Mamba and transformer backends, the cost
+models fitted to them, and how often the router, using those models, picks the faster backend.
+
+Each backend runs as serve_config.yaml configures it, in its hf engine, one request at a time,
+greedy with ignore_eos, on held-out stdlib source (text neither model trained on).
+
+1. Calibration, at every context C in --contexts: a prompt of C - 32 tokens; prefill seconds are
+   the time of a 1-token request, decode ms per token is (time of a 33-token request - that) / 32,
+   so decode is measured at contexts C - 32 .. C. Medians of --repeats runs. The fits: prefill a
+   quadratic in the prompt length, decode a line in the context (numpy least squares).
+2. Router check, on a grid of contexts x new tokens N (--new), the prompt being the context less
+   N tokens: both backends run the whole request; the router (routing.Policy on serve_config.yaml's routing, with the
+   fitted cost models) predicts from (L, N); `router_choice_ok` is the share of grid points where
+   its choice is the backend that measured faster. Points beyond a backend's max_context are
+   skipped for it; points only one backend can take are left out of the share.
+
+    python -m bench.long_context [--contexts 512 1024 2048 4096 8192] [--new 16 128 384] [--write]
+
+--write stores the fitted cost models in serve_config.yaml and k8s/rayservice-cpu.yaml (the
+backends' `capability.cost` line). Last line: one JSON object with contexts, mamba_prefill_s,
+mamba_decode_ms, transformer_prefill_s, transformer_decode_ms, mamba_flatness (decode ms at the
+longest context over decode ms at the shortest), router_choice_ok, the grid and the fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deployments.config import AppConfig
+from models.engine import GenerationRequest
+from models.hf_engine import HFEngine
+from routing.cost import CostModel
+from routing.features import Features
+from routing.policy import Policy
+from training import corpus
+from training.defaults import resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = ("mamba", "transformer")
+DECODE = 32  # tokens decoded per calibration point
+CONFIGS = (ROOT / "serve_config.yaml", ROOT / "k8s" / "rayservice-cpu.yaml")
+
+
+def heldout_ids(tokenizer, tokens: int) -> list[int]:
+    """The first `tokens` tokens of the held-out split's files, joined."""
+    ids: list[int] = []
+    for text in corpus.texts("heldout"):
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if len(ids) >= tokens:
+            break
+    return ids[:tokens]
+
+
+async def timed(engine: HFEngine, prompt: str, new: int) -> tuple[float, int]:
+    """(seconds, prompt tokens) of one greedy request making exactly `new` tokens."""
+    start = time.perf_counter()
+    done = await engine.generate(GenerationRequest("bench", prompt=prompt, max_tokens=new, temperature=0,
+                                                   ignore_eos=True))
+    assert done.completion_tokens == new, done
+    return time.perf_counter() - start, done.prompt_tokens
+
+
+async def calibrate(engine: HFEngine, texts: dict[int, str], repeats: int) -> dict[str, list[float]]:
+    prefill, decode, lengths = [], [], []
+    for context, text in texts.items():
+        await timed(engine, text, 1)  # warm-up at this length
+        firsts, wholes = [], []
+        for _ in range(repeats):
+            first, length = await timed(engine, text, 1)
+            whole, _ = await timed(engine, text, DECODE + 1)
+            firsts.append(first)
+            wholes.append(whole)
+        prefill.append(statistics.median(firsts))
+        decode.append((statistics.median(wholes) - prefill[-1]) / DECODE * 1e3)
+        lengths.append(length)
+        print(f"  {engine.model.config.model_type} context {context}: prompt {length} tokens, prefill "
+              f"{prefill[-1]:.3f} s, decode {decode[-1]:.2f} ms/token", flush=True)
+    return {"prompt_tokens": lengths, "prefill_s": prefill, "decode_ms": decode}
+
+
+def fit(curve: dict[str, list[float]], measured: str) -> CostModel:
+    lengths = np.array(curve["prompt_tokens"], dtype=float)
+    prefill = np.polynomial.polynomial.polyfit(lengths, curve["prefill_s"], 2)
+    decode = np.polynomial.polynomial.polyfit(lengths + DECODE / 2, curve["decode_ms"], 1)
+    return CostModel(prefill_s=[float(f"{c:.4g}") for c in prefill],
+                     decode_ms=[float(f"{c:.4g}") for c in decode], measured=measured)
+
+
+def write_costs(costs: dict[str, CostModel], paths=CONFIGS) -> None:
+    """Replaces each backend's one-line `cost: {...}` in the config files (comments stay)."""
+    for path in paths:
+        lines, current = path.read_text().splitlines(keepends=True), None
+        for i, line in enumerate(lines):
+            if m := re.match(r"\s*- name: (\S+)", line):
+                current = m.group(1)
+            elif current in costs and (m := re.match(r"(\s*)cost: ", line)):
+                c = costs[current]
+                lines[i] = (f"{m.group(1)}cost: {{prefill_s: {c.prefill_s}, decode_ms: {c.decode_ms}, "
+                            f"measured: {json.dumps(c.measured)}}}\n")
+        path.write_text("".join(lines))
+
+
+async def run(contexts: list[int], new: list[int], repeats: int) -> tuple[dict, dict[str, CostModel]]:
+    app = AppConfig.from_serve_config()
+    engines = {}
+    for name in BACKENDS:
+        cfg = app.backend(name)
+        engines[name] = HFEngine(resolve_model(cfg.model), max_context=cfg.capability.max_context,
+                                 **{k: v for k, v in cfg.engine_kwargs.items() if k != "draft_model"})
+        await engines[name].start()
+    tok = engines["transformer"].tokenizer
+    ids = heldout_ids(tok, max(contexts))
+    stamp = f"python -m bench.long_context, {torch.get_num_threads()} threads, {datetime.date.today()}"
+
+    curves, costs = {}, {}
+    for name, engine in engines.items():
+        texts = {c: tok.decode(ids[:c - DECODE]) for c in contexts}
+        curves[name] = await calibrate(engine, texts, repeats)
+        costs[name] = fit(curves[name], stamp)
+
+    backends = {b.name: b.capability for b in app.backends}
+    backends |= {n: backends[n].model_copy(update={"cost": costs[n]}) for n in BACKENDS}
+    policy = Policy({n: backends[n] for n in BACKENDS}, app.routing.model_copy(update={"strategy": "cost"}))
+    grid = []
+    for context in contexts:
+        for n in (n for n in new if n < context):
+            text = tok.decode(ids[:context - n])
+            point = {"prompt_tokens": None, "new_tokens": n, "seconds": {}}
+            for name, engine in engines.items():
+                if engine.max_context is None or context <= engine.max_context:
+                    point["seconds"][name], point["prompt_tokens"] = await timed(engine, text, n)
+            if len(point["seconds"]) < 2:
+                continue
+            f = Features(endpoint="bench", modality="text", tokens=point["prompt_tokens"], max_new_tokens=n, pages=0,
+                         text="")
+            d = policy.decide(f)
+            point |= {"router": d.backend, "predicted_s": d.predicted_s,
+                      "faster": min(point["seconds"], key=point["seconds"].get)}
+            point["seconds"] = {k: round(v, 3) for k, v in point["seconds"].items()}
+            grid.append(point)
+            print(f"  L={point['prompt_tokens']} N={n}: measured {point['seconds']}, predicted "
+                  f"{point['predicted_s']}, router {d.backend}", flush=True)
+
+    m, t = curves["mamba"], curves["transformer"]
+    result = {
+        "contexts": contexts,
+        "mamba_prefill_s": [round(x, 4) for x in m["prefill_s"]],
+        "mamba_decode_ms": [round(x, 2) for x in m["decode_ms"]],
+        "transformer_prefill_s": [round(x, 4) for x in t["prefill_s"]],
+        "transformer_decode_ms": [round(x, 2) for x in t["decode_ms"]],
+        "mamba_flatness": round(m["decode_ms"][-1] / m["decode_ms"][0], 3),
+        "transformer_growth": round(t["decode_ms"][-1] / t["decode_ms"][0], 3),
+        "router_choice_ok": round(sum(p["router"] == p["faster"] for p in grid) / len(grid), 3),
+        "grid_points": len(grid),
+        "grid": grid,
+        "cost_models": {n: c.model_dump() for n, c in costs.items()},
+        "repeats": repeats,
+        "torch_threads": torch.get_num_threads(),
+        "kernel": engines["mamba"].info()["kernel"],
+    }
+    return result, costs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--new", type=int, nargs="+", default=[16, 128, 384])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--write", action="store_true", help="store the fitted cost models in the configs")
+    args = parser.parse_args()
+    result, costs = asyncio.run(run(sorted(args.contexts), args.new, args.repeats))
+    if args.write:
+        write_costs(costs)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
