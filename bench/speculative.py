@@ -1,4 +1,4 @@
-"""Speculative decoding on the default transformer, greedy, one request at a time (speculation's
+"""Speculative decoding on the default transformer or Mamba, greedy, one request at a time (speculation's
 case: latency of a lone request). Prompts are code-editing chat tasks ("Rewrite this code",
 "Fix this code") on blocks of held-out stdlib files the models never trained on.
 
@@ -8,7 +8,10 @@ Methods, each prompt run by every method in turn (side by side, so machine noise
   hf_prompt_lookup, hf_draft      transformers' own generate(prompt_lookup_num_tokens=...) and
                                   generate(assistant_model=...), for comparison
 
-    python -m bench.speculative [--prompts 12] [--tokens 128]
+    python -m bench.speculative [--prompts 12] [--tokens 128] [--backend transformer|mamba]
+
+--backend mamba: the Mamba backend, methods none and prompt_lookup only (its speculation rolls the
+SSM state back, models/mamba.py; transformers has no speculative path for Mamba to compare with).
 
 Last line: one JSON object: tokens/s of each engine method (total tokens over total seconds),
 speedups over plain decoding, acceptance rate (kept guesses over guesses), `identical` (both
@@ -45,13 +48,14 @@ def prompts(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
     return out
 
 
-async def run(n: int, tokens: int) -> dict:
-    cfg = AppConfig.from_serve_config().backend("transformer")
+async def run(n: int, tokens: int, backend: str = "transformer") -> dict:
+    cfg = AppConfig.from_serve_config().backend(backend)
     kwargs = dict(cfg.engine_kwargs)
     engine = HFEngine(resolve_model(cfg.model), **kwargs)
     await engine.start()
     model, tok, draft = engine.model, engine.tokenizer, engine.draft
-    k_draft, k_lookup = kwargs["draft_tokens"], kwargs["prompt_lookup_tokens"]
+    k_draft, k_lookup = kwargs.get("draft_tokens"), kwargs.get("prompt_lookup_tokens", engine.prompt_lookup_tokens)
+    methods = ENGINE_METHODS + HF_METHODS if draft is not None else ("none", "prompt_lookup")
 
     def hf(method: str, messages: list[dict[str, str]]) -> tuple[str, int]:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
@@ -67,10 +71,10 @@ async def run(n: int, tokens: int) -> dict:
             new = new[:-1]
         return tok.decode(new, skip_special_tokens=True), len(new)
 
-    seconds = {m: [] for m in ENGINE_METHODS + HF_METHODS}
+    seconds = {m: [] for m in methods}
     made = {m: 0 for m in seconds}
     texts = {m: [] for m in seconds}
-    accepted = {m: [0, 0] for m in ENGINE_METHODS}
+    accepted = {m: [0, 0] for m in ENGINE_METHODS if m in methods}
     for i, messages in enumerate(prompts(n)):
         for method in seconds:
             before = (engine.spec_stats.accepted, engine.spec_stats.proposed)
@@ -88,6 +92,18 @@ async def run(n: int, tokens: int) -> dict:
             texts[method].append(text)
     rate = {m: made[m] / sum(seconds[m]) for m in seconds}
     same = {m: texts[m] == texts["none"] for m in seconds if m != "none"}
+    if draft is None:
+        return {
+            "plain_tok_s": round(rate["none"], 1),
+            "prompt_lookup_tok_s": round(rate["prompt_lookup"], 1),
+            "prompt_lookup_speedup": round(rate["prompt_lookup"] / rate["none"], 2),
+            "acceptance_rate": round(accepted["prompt_lookup"][0] / max(1, accepted["prompt_lookup"][1]), 3),
+            "identical": same["prompt_lookup"],
+            "median_s": {m: round(statistics.median(s), 3) for m, s in seconds.items()},
+            "backend": backend, "model": cfg.model, "kernel": engine.info()["kernel"], "prompts": n,
+            "max_tokens": tokens, "tokens": made["none"], "prompt_lookup_tokens": k_lookup,
+            "torch_threads": torch.get_num_threads(),
+        }
     return {
         "plain_tok_s": round(rate["none"], 1),
         "prompt_lookup_tok_s": round(rate["prompt_lookup"], 1),
@@ -110,8 +126,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--backend", default="transformer")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.prompts, args.tokens))))
+    print(json.dumps(asyncio.run(run(args.prompts, args.tokens, args.backend))))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -128,11 +128,14 @@ class _Outcome:
     decision: Decision
     served_by: str | None = None
     attempts: list[_Attempt] = field(default_factory=list)
+    degraded: str | None = None  # why the answer is not the full one (a cut prompt)
 
     def headers(self) -> dict[str, str]:
         h = {"x-switchyard-backend": self.served_by or "", "x-switchyard-reason": _ascii(self.decision.reason)}
         if self.fallback:
             h["x-switchyard-fallback"] = _ascii("; ".join(f"{a.backend}: {a.error}" for a in self.attempts))
+        if self.degraded:
+            h["x-switchyard-degraded"] = _ascii(self.degraded)
         return h
 
     @property
@@ -142,7 +145,15 @@ class _Outcome:
     def body(self) -> dict[str, Any]:
         d = self.decision
         return {"backend": self.served_by, "task": d.task, "reason": d.reason, "fallback": self.fallback,
+                "degraded": self.degraded is not None, "degraded_reason": self.degraded,
                 "attempts": [asdict(a) for a in self.attempts]}
+
+
+def _for(out: _Outcome, name: str, arg: Any) -> Any:
+    """The request as backend `name` gets it: cut to fit when it is a degraded fallback."""
+    if name in out.decision.degraded and isinstance(arg, GenerationRequest):
+        return replace(arg, truncate=True)
+    return arg
 
 
 def _ascii(s: str) -> str:
@@ -299,7 +310,7 @@ class Router:
                 break
             state = self.states[name]
             state.in_flight += 1
-            response = getattr(self.handles[name], method).remote(arg)
+            response = getattr(self.handles[name], method).remote(_for(out, name, arg))
             try:
                 result = await asyncio.wait_for(response, remaining)
             except asyncio.TimeoutError:
@@ -324,6 +335,9 @@ class Router:
             return False
         self.failures[name] = 0
         out.served_by = name
+        if name in out.decision.degraded:
+            cut = getattr(result, "truncated_tokens", 0)
+            out.degraded = f"{name}: {out.decision.degraded[name]}" + (f" ({cut} tokens)" if cut else "")
         return True
 
     def _failed(self, out: _Outcome, name: str, error: str) -> None:
@@ -349,7 +363,7 @@ class Router:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            gen = self.handles[name].options(stream=True).stream.remote(req)
+            gen = self.handles[name].options(stream=True).stream.remote(_for(out, name, req))
             try:
                 first = await asyncio.wait_for(gen.__anext__(), remaining)
             except asyncio.TimeoutError:
@@ -375,7 +389,7 @@ class Router:
             "task": d.task if d else None, "task_source": d.task_source if d else None,
             "chosen": d.backend if d else None, "backend": out.served_by if out else None,
             "fallback": out.fallback if out else False, "attempts": [asdict(a) for a in out.attempts] if out else [],
-            "reason": d.reason if d else None, "latency_ms": round((time.perf_counter() - started) * 1e3, 2),
+            "reason": d.reason if d else None, "degraded": out.degraded if out else None, "latency_ms": round((time.perf_counter() - started) * 1e3, 2),
         })
 
     async def _served(self, endpoint: str, request: Request, decide: Callable[[], _Outcome],

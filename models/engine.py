@@ -28,6 +28,9 @@ class GenerationRequest:
     # "none", "prompt_lookup" or "draft" ask for one (InvalidRequest when the engine lacks it).
     speculation: str | None = None
     ignore_eos: bool = False  # generate max_tokens whatever the model says (vLLM's option; benchmarks)
+    # A prompt longer than the context is cut to its head and tail instead of refused (the router's
+    # degraded fallback to a backend with a shorter context).
+    truncate: bool = False
 
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -39,6 +42,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason
+    truncated_tokens: int = 0  # prompt tokens cut from the middle (GenerationRequest.truncate)
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Delta:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    truncated_tokens: int = 0
 
 
 def render_documents(documents: list[tuple[str, int | None]]) -> str:
@@ -68,6 +73,20 @@ def prompt_text(request: GenerationRequest, tokenizer: Any) -> str:
 
 class InvalidRequest(ValueError):
     """The request is at fault (too long, unknown adapter...): the router answers 400, no fallback."""
+
+
+def fit_prompt(ids: list[int], request: GenerationRequest, max_context: int | None) -> tuple[list[int], int]:
+    """(prompt ids, tokens cut): `ids` when prompt plus max_tokens fit `max_context`; otherwise, with
+    `request.truncate`, the first and last halves of what fits (the instructions and documents'
+    start, the question and the generation prompt at the end), else InvalidRequest."""
+    budget = None if max_context is None else max_context - request.max_tokens
+    if budget is None or len(ids) <= budget:
+        return ids, 0
+    if not request.truncate or budget < 2:
+        raise InvalidRequest(f"prompt of {len(ids)} tokens plus max_tokens {request.max_tokens} exceeds "
+                             f"this model's context of {max_context} tokens")
+    head = budget // 2
+    return ids[:head] + ids[len(ids) - (budget - head):], len(ids) - budget
 
 
 class Engine(abc.ABC):

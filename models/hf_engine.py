@@ -36,7 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from models import mamba, speculative
-from models.engine import Completion, Delta, Engine, GenerationRequest, InvalidRequest, prompt_text
+from models.engine import Completion, Delta, Engine, GenerationRequest, InvalidRequest, fit_prompt, prompt_text
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class _Job:
     speculation: Speculation
     loop: asyncio.AbstractEventLoop
     engine: HFEngine
+    truncated: int = 0  # prompt tokens cut (GenerationRequest.truncate)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # token ids, then None
     cancel: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
@@ -231,15 +232,10 @@ class HFEngine(Engine):
 
     def _encode(self, req: GenerationRequest) -> torch.Tensor:
         text = prompt_text(req, self.tokenizer)
-        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-        if self.max_context is not None and ids.shape[1] + req.max_tokens > self.max_context:
-            raise InvalidRequest(
-                f"prompt of {ids.shape[1]} tokens plus max_tokens {req.max_tokens} exceeds "
-                f"this model's context of {self.max_context} tokens"
-            )
+        ids, cut = fit_prompt(self.tokenizer(text, add_special_tokens=False).input_ids, req, self.max_context)
         if req.adapter is not None and req.adapter not in self.adapter_paths:
             raise InvalidRequest(f"unknown adapter {req.adapter!r}; this backend has {list(self.adapter_paths)}")
-        return ids
+        return torch.tensor([ids]), cut
 
     def _speculation(self, req: GenerationRequest) -> Speculation:
         method = req.speculation or self.speculation
@@ -253,7 +249,8 @@ class HFEngine(Engine):
         return method
 
     def _submit(self, req: GenerationRequest) -> _Job:
-        job = _Job(req, self._encode(req), self._speculation(req), asyncio.get_running_loop(), self)
+        ids, cut = self._encode(req)
+        job = _Job(req, ids, self._speculation(req), asyncio.get_running_loop(), self, truncated=cut)
         self._waiting.append(job)
         self._wake.set()
         return job
@@ -423,7 +420,7 @@ class HFEngine(Engine):
         job = self._submit(request)
         tokens = [t async for t in self._tokens(job)]
         text, reason = self._finish(request, tokens, job.cancel.is_set())
-        return Completion(text, job.ids.shape[1], len(tokens), reason)
+        return Completion(text, job.ids.shape[1], len(tokens), reason, job.truncated)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         job = self._submit(request)
@@ -446,7 +443,7 @@ class HFEngine(Engine):
         finally:
             await stream.aclose()  # cancels the job when the consumer (client) went away
         text, reason = self._finish(request, tokens, False)
-        yield Delta(text[sent:], reason, job.ids.shape[1], len(tokens))
+        yield Delta(text[sent:], reason, job.ids.shape[1], len(tokens), job.truncated)
 
 
 def _without(token: int, pick: speculative.Pick) -> speculative.Pick:

@@ -22,7 +22,8 @@ from collections.abc import AsyncIterator, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from models.engine import Completion, Delta, Engine, FinishReason, GenerationRequest, InvalidRequest, prompt_text
+from models.engine import (Completion, Delta, Engine, FinishReason, GenerationRequest, InvalidRequest, fit_prompt,
+                           prompt_text)
 
 logger = logging.getLogger(__name__)
 
@@ -192,8 +193,9 @@ class VLLMEngine(Engine):
             raise RuntimeError("vLLM engine not started")
         await self.engine.check_health()  # raises once the engine core process has died
 
-    def _submit(self, request: GenerationRequest) -> tuple[AsyncIterator[Any], str, int]:
-        """Checks the request and hands it to vLLM: (its output stream, vLLM request id, prompt tokens)."""
+    def _submit(self, request: GenerationRequest) -> tuple[AsyncIterator[Any], str, int, int]:
+        """Checks the request and hands it to vLLM: (its output stream, vLLM request id, prompt tokens,
+        prompt tokens cut)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -201,19 +203,17 @@ class VLLMEngine(Engine):
             raise InvalidRequest(f"unknown adapter {request.adapter!r}; this backend has {list(self._loras)}")
         check_speculation(request.speculation, self.speculation)
         ids = self.tokenizer.encode(prompt_text(request, self.tokenizer), add_special_tokens=False)
-        if len(ids) + request.max_tokens > self.max_context:
-            raise InvalidRequest(f"prompt of {len(ids)} tokens plus max_tokens {request.max_tokens} exceeds "
-                                 f"this model's context of {self.max_context} tokens")
+        ids, cut = fit_prompt(ids, request, self.max_context)  # vLLM's own truncation keeps the tail only
         # vLLM aborts by external id, every request sharing it: keep ours unique.
         rid = f"{request.request_id}-{next(self._ids)}"
         params = SamplingParams(**sampling_kwargs(request), output_kind=RequestOutputKind.DELTA)
         # Already tokens: the renderer only wraps them as an engine input (raw prompts are deprecated).
         (prompt,) = self.engine.renderer.render_cmpl([{"prompt_token_ids": ids}])
         outputs = self.engine.generate(prompt, params, rid, lora_request=self._loras.get(request.adapter))
-        return outputs, rid, len(ids)
+        return outputs, rid, len(ids), cut
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        outputs, rid, prompt_tokens = self._submit(request)
+        outputs, rid, prompt_tokens, cut = self._submit(request)
         completion_tokens, finished = 0, False
         try:
             async for out in outputs:  # each a RequestOutput holding only what is new (DELTA)
@@ -221,7 +221,7 @@ class VLLMEngine(Engine):
                 completion_tokens += len(piece.token_ids)
                 if out.finished:
                     finished = True
-                    yield Delta(piece.text, finish_reason(piece.finish_reason), prompt_tokens, completion_tokens)
+                    yield Delta(piece.text, finish_reason(piece.finish_reason), prompt_tokens, completion_tokens, cut)
                 elif piece.text:  # vLLM holds back text that may still become a stop string
                     yield Delta(piece.text)
         finally:
@@ -235,4 +235,5 @@ class VLLMEngine(Engine):
         async for last in self.stream(request):
             parts.append(last.text)
         assert last.finish_reason is not None  # stream() ends with the finishing delta or raises
-        return Completion("".join(parts), last.prompt_tokens, last.completion_tokens, last.finish_reason)
+        return Completion("".join(parts), last.prompt_tokens, last.completion_tokens, last.finish_reason,
+                          last.truncated_tokens)

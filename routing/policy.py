@@ -53,6 +53,9 @@ class Decision:
     scores: dict[str, float]  # every backend's score, filtered ones included
     excluded: dict[str, str] = field(default_factory=dict)  # backend -> why it is not a candidate
     predicted_s: dict[str, float] = field(default_factory=dict)  # load-adjusted latency, backends with a cost model
+    # Last-resort fallbacks whose context is too short for the request: they get the prompt's head
+    # and tail (GenerationRequest.truncate) and the answer is marked degraded with this reason.
+    degraded: dict[str, str] = field(default_factory=dict)
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -119,8 +122,10 @@ class Policy:
             s *= 1.0 - w.load * state.busy
         return round(s, 6)
 
-    def _exclusion(self, name: str, task: str, f: Features, state: BackendState | None) -> str | None:
-        """Why `name` cannot take the request, or None. Checked cheapest first."""
+    def _exclusion(self, name: str, task: str, f: Features, state: BackendState | None,
+                   context: bool = True) -> str | None:
+        """Why `name` cannot take the request, or None. Checked cheapest first; the context length
+        only with `context`."""
         cap = self.backends[name]
         if f.modality not in cap.modalities:
             return f"does not accept {f.modality} input"
@@ -129,7 +134,7 @@ class Policy:
         if f.adapter is not None and f.adapter not in self.adapters.get(name, ()):
             return f"has no adapter {f.adapter!r}"
         need = f.tokens + f.max_new_tokens
-        if need > cap.max_context:
+        if context and need > cap.max_context:
             return f"context {cap.max_context} < {f.tokens} prompt + {f.max_new_tokens} new tokens"
         if state is not None and not state.healthy:
             return "unhealthy"
@@ -166,7 +171,14 @@ class Policy:
         else:
             how = f"best score {scores[best]:.3f}"
         reason = f"task {task} ({source}: {why}); {best}: {how}"
-        return Decision(best, tuple(ranked[1:]), task, source, reason, scores, excluded, predicted)
+        degraded = {}
+        if f.backend is None:  # backends too short for the prompt stay as a cut-down last resort
+            for n in names:
+                why_not = excluded.get(n, "")
+                if (why_not.startswith("context") and self.backends[n].max_context > 2 * f.max_new_tokens
+                        and self._exclusion(n, task, f, states.get(n), context=False) is None):
+                    degraded[n] = f"{why_not}: the prompt's middle was cut"
+        return Decision(best, (*ranked[1:], *degraded), task, source, reason, scores, excluded, predicted, degraded)
 
     def predict(self, f: Features, states: Mapping[str, BackendState]) -> dict[str, float]:
         """Predicted seconds for the request on every backend with a cost model, scaled by its load."""

@@ -1,7 +1,7 @@
 """One real Ray Serve instance per test session, with the app on the embedded tiny models.
 
 Two applications: `switchyard` at / (serve_config.yaml's args) and `fallback` at /fallback,
-the same app whose mamba backend fails every call.
+the same app whose mamba backend fails every call (routed by score, so long prompts go to mamba first).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def server() -> str:
     args = app_args()
     broken = copy.deepcopy(args)
     broken["backends"] = [b for b in broken["backends"] if b["kind"] == "lm"]
+    broken["routing"]["strategy"] = "score"  # mamba first for long prompts, whatever the measured costs
     for b in broken["backends"]:
         if b["name"] == "mamba":
             b["engine"] = "tests.serve.engines:FailingEngine"

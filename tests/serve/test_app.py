@@ -277,6 +277,22 @@ def test_failed_mamba_falls_back_when_streaming(client):
     assert sse(r)[0]["switchyard"]["fallback"] is True
 
 
+TOO_LONG = "word " * 9000  # more tokens than the transformer's 8192
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_too_long_for_the_transformer_falls_back_degraded(client, stream):
+    r = client.post("/fallback/v1/chat/completions", json=chat(TOO_LONG, max_tokens=4, stream=stream))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-switchyard-backend"] == "transformer"
+    assert "middle was cut" in r.headers["x-switchyard-degraded"]
+    meta = sse(r)[0]["switchyard"] if stream else r.json()["switchyard"]
+    assert meta["degraded"] is True and meta["fallback"] is True and "8192" in meta["degraded_reason"]
+    if not stream:
+        assert r.json()["usage"]["prompt_tokens"] == 8192 - 4
+        assert "tokens)" in meta["degraded_reason"]  # how many were cut
+
+
 def test_pinned_failing_backend_is_503(client):
     r = client.post("/fallback/v1/chat/completions", json=chat("x", model="mamba"))
     assert r.status_code == 503

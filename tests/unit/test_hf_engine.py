@@ -11,7 +11,7 @@ import torch
 from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig,
                           MambaForCausalLM)
 
-from models.engine import GenerationRequest, InvalidRequest
+from models.engine import GenerationRequest, InvalidRequest, fit_prompt
 from models.hf_engine import HFEngine
 from training.defaults import build_tokenizer
 
@@ -214,3 +214,28 @@ def test_ignore_eos_runs_to_max_tokens(models):
                                       for p in PROMPTS))
 
     assert [c.completion_tokens for c in run(go())] == [40] * len(PROMPTS)
+
+
+def test_fit_prompt_keeps_head_and_tail_only_when_asked():
+    ids = list(range(100))
+    assert fit_prompt(ids, req("x", 4), None) == (ids, 0)
+    assert fit_prompt(ids, req("x", 4), 104) == (ids, 0)
+    with pytest.raises(InvalidRequest, match="prompt of 100 tokens plus max_tokens 4 exceeds this model's context of 20"):
+        fit_prompt(ids, req("x", 4), 20)
+    assert fit_prompt(ids, req("x", 4, truncate=True), 20) == (list(range(8)) + list(range(92, 100)), 84)
+
+
+def test_a_truncated_request_is_answered_and_says_how_much_was_cut(models):
+    async def go():
+        engine = HFEngine(models["main"], max_context=64)
+        await engine.start()
+        prompt = " ".join(f"word{i}" for i in range(100))
+        with pytest.raises(InvalidRequest, match="exceeds"):
+            await engine.generate(req(prompt, 8))
+        done = await engine.generate(req(prompt, 8, truncate=True))
+        pieces = [d async for d in engine.stream(req(prompt, 8, truncate=True))]
+        return done, pieces[-1]
+
+    done, last = run(go())
+    assert done.prompt_tokens == 56 and done.truncated_tokens > 100 and done.completion_tokens == 8
+    assert (last.prompt_tokens, last.truncated_tokens) == (56, done.truncated_tokens)

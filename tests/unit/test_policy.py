@@ -9,6 +9,7 @@ import yaml
 
 from deployments.config import AppConfig
 from routing.config import Capability, RoutingConfig, Rule
+from routing.cost import CostModel
 from routing.features import Document, Features, count_pages, split_model, text_features
 from routing.policy import BackendState, Policy, RoutingError
 
@@ -22,7 +23,8 @@ def cfg() -> AppConfig:
 
 @pytest.fixture(scope="module")
 def policy(cfg: AppConfig) -> Policy:
-    return Policy({b.name: b.capability for b in cfg.backends}, cfg.routing,
+    """The shipped routing by score (the cost strategy has its own tests below)."""
+    return Policy({b.name: b.capability for b in cfg.backends}, cfg.routing.model_copy(update={"strategy": "score"}),
                   adapters={"transformer": ["sql"]})
 
 
@@ -45,8 +47,8 @@ CASES = [
     ("4096 tokens is long context", feat(tokens=4096), "mamba", ("transformer",), "long_context", "rule:long_document"),
     ("4095 tokens is not", feat(tokens=4095), "transformer", ("mamba",), "text_generation", "default"),
     ("5000 tokens goes to mamba", feat(tokens=5000), "mamba", ("transformer",), "long_context", "rule:long_document"),
-    ("beyond the transformer's context: mamba alone", feat(tokens=9000), "mamba", (), "long_context",
-     "rule:long_document"),
+    ("beyond the transformer's context: the transformer only as a degraded fallback", feat(tokens=9000), "mamba",
+     ("transformer",), "long_context", "rule:long_document"),
     ("3 pages", feat(docs=[Document("a", 1), Document("b", 2), Document("c", 3)]), "mamba", ("transformer",),
      "long_context", "rule:long_document"),
     ("2 pages", feat(docs=[Document("a", 1), Document("b", 2)]), "transformer", ("mamba",), "text_generation",
@@ -181,3 +183,82 @@ def test_app_config_rejects_duplicates_and_reserved(cfg: AppConfig):
     args["backends"][-1] = {**args["backends"][0], "name": "router"}
     with pytest.raises(ValueError, match="reserved"):
         AppConfig.model_validate(args)
+
+
+# --- degraded fallback -------------------------------------------------------------
+
+
+def test_a_backend_too_short_for_the_prompt_is_a_degraded_last_resort(policy):
+    d = policy.decide(feat(tokens=9000))
+    assert d.candidates == ("mamba", "transformer")
+    assert d.degraded == {"transformer": "context 8192 < 9000 prompt + 64 new tokens: the prompt's middle was cut"}
+    assert "transformer" in d.excluded  # never a full candidate
+    assert policy.decide(feat(tokens=100)).degraded == {}
+
+
+@pytest.mark.parametrize("case,f,states", [
+    ("pinned to mamba", feat(tokens=9000, model="mamba"), {}),
+    ("transformer unhealthy", feat(tokens=9000), {"transformer": BackendState(healthy=False)}),
+    ("max_tokens takes most of the context", feat(tokens=9000, max_new=5000), {}),
+])
+def test_no_degraded_fallback(policy, case, f, states):
+    assert policy.decide(f, states).degraded == {}
+
+
+def test_nothing_degraded_when_no_backend_takes_the_whole_prompt(policy):
+    with pytest.raises(RoutingError, match="no backend can serve"):
+        policy.decide(feat(tokens=70000))
+
+
+# --- routing by measured cost --------------------------------------------------------
+
+FLAT = CostModel(prefill_s=[0.05, 4e-4], decode_ms=[8.0])  # a Mamba: slower at first, flat decode
+GROWING = CostModel(prefill_s=[0.02, 1e-4, 2e-8], decode_ms=[4.0, 2e-3])  # a transformer
+
+
+@pytest.fixture(scope="module")
+def by_cost(cfg: AppConfig) -> Policy:
+    caps = {b.name: b.capability for b in cfg.backends}
+    caps["mamba"] = caps["mamba"].model_copy(update={"cost": FLAT})
+    caps["transformer"] = caps["transformer"].model_copy(update={"cost": GROWING})
+    return Policy(caps, cfg.routing.model_copy(update={"strategy": "cost"}))
+
+
+def test_cost_model_prediction():
+    assert GROWING.predict_s(1000, 100) == pytest.approx(0.02 + 0.1 + 0.02 + 100 * (4.0 + 2e-3 * 1050) / 1000)
+    assert FLAT.predict_s(0, 0) == pytest.approx(0.05)
+    assert CostModel(prefill_s=[-1.0], decode_ms=[-1.0]).predict_s(10, 10) == 0  # a fit never predicts < 0
+
+
+@pytest.mark.parametrize("tokens,new,backend", [
+    (100, 16, "transformer"),  # short: the transformer's cheaper prefill and decode
+    (500, 500, "transformer"),
+    (3000, 500, "mamba"),  # long decode at long context: the transformer's per-token cost has grown
+    (6000, 1000, "mamba"),
+])
+def test_cost_strategy_picks_the_lowest_predicted_latency(by_cost, tokens, new, backend):
+    d = by_cost.decide(feat(tokens=tokens, max_new=new))
+    assert d.backend == backend, d.predicted_s
+    assert d.predicted_s[backend] == min(d.predicted_s.values())
+    assert "lowest predicted latency" in d.reason
+    assert set(d.predicted_s) == {"mamba", "transformer"}  # trm and dinov2 have no cost model
+
+
+def test_load_scales_the_prediction(by_cost):
+    f = feat(tokens=100, max_new=16)
+    busy = {"transformer": BackendState(in_flight=16, capacity=16)}
+    d = by_cost.decide(f, busy)
+    assert d.predicted_s["transformer"] == pytest.approx(2 * by_cost.decide(f).predicted_s["transformer"], rel=1e-4)
+
+
+def test_cost_strategy_still_filters_by_task_and_modality(by_cost):
+    assert by_cost.decide(feat(modality="grid", task="puzzle_solving")).backend == "trm"  # no cost model: by score
+    assert by_cost.decide(feat(tokens=1, max_new=0, modality="image", task="image_classification")).backend == "dinov2"
+    assert by_cost.decide(feat(tokens=100, task="code_analysis")).predicted_s  # both LMs serve it
+
+
+def test_shipped_config_has_measured_cost_models(cfg):
+    for name in ("mamba", "transformer"):
+        cost = cfg.backend(name).capability.cost
+        assert cost is not None and "bench.long_context" in cost.measured
+    assert cfg.routing.strategy == "cost"
