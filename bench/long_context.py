@@ -1,7 +1,7 @@
 """Prefill and decode cost against context length for the Mamba and transformer backends, the cost
 models fitted to them, and how often the router, using those models, picks the faster backend.
 
-Each backend runs as serve_config.yaml configures it, in its hf engine, one request at a time,
+Each backend runs as the config sets it up (its engine, as deployments/lm.py builds it), one request at a time,
 greedy with ignore_eos, on held-out stdlib source (text neither model trained on).
 
 1. Calibration, at every context C in --contexts: a prompt of C - 32 tokens; prefill seconds are
@@ -15,9 +15,10 @@ greedy with ignore_eos, on held-out stdlib source (text neither model trained on
    skipped for it; points only one backend can take are left out of the share.
 
     python -m bench.long_context [--contexts 512 1024 2048 4096 8192] [--new 16 128 384] [--write]
+                                 [--config serve_config.gpu.yaml]
 
---write stores the fitted cost models in serve_config.yaml and k8s/rayservice-cpu.yaml (the
-backends' `capability.cost` line). Last line: one JSON object with contexts, mamba_prefill_s,
+--write stores the fitted cost models in the config (serve_config.yaml: and in
+k8s/rayservice-cpu.yaml), on each backend's one-line `capability.cost`. Last line: one JSON object with contexts, mamba_prefill_s,
 mamba_decode_ms, transformer_prefill_s, transformer_decode_ms, mamba_flatness (decode ms at the
 longest context over decode ms at the shortest), router_choice_ok, the grid and the fits.
 """
@@ -37,8 +38,8 @@ import numpy as np
 import torch
 
 from deployments.config import AppConfig
-from models.engine import GenerationRequest
-from models.hf_engine import HFEngine
+from deployments.lm import engine_class
+from models.engine import Engine, GenerationRequest
 from routing.cost import CostModel
 from routing.features import Features
 from routing.policy import Policy
@@ -61,7 +62,7 @@ def heldout_ids(tokenizer, tokens: int) -> list[int]:
     return ids[:tokens]
 
 
-async def timed(engine: HFEngine, prompt: str, new: int) -> tuple[float, int]:
+async def timed(engine: Engine, prompt: str, new: int) -> tuple[float, int]:
     """(seconds, prompt tokens) of one greedy request making exactly `new` tokens."""
     start = time.perf_counter()
     done = await engine.generate(GenerationRequest("bench", prompt=prompt, max_tokens=new, temperature=0,
@@ -70,7 +71,7 @@ async def timed(engine: HFEngine, prompt: str, new: int) -> tuple[float, int]:
     return time.perf_counter() - start, done.prompt_tokens
 
 
-async def calibrate(engine: HFEngine, texts: dict[int, str], repeats: int) -> dict[str, list[float]]:
+async def calibrate(name: str, engine: Engine, texts: dict[int, str], repeats: int) -> dict[str, list[float]]:
     prefill, decode, lengths = [], [], []
     for context, text in texts.items():
         await timed(engine, text, 1)  # warm-up at this length
@@ -83,7 +84,7 @@ async def calibrate(engine: HFEngine, texts: dict[int, str], repeats: int) -> di
         prefill.append(statistics.median(firsts))
         decode.append((statistics.median(wholes) - prefill[-1]) / DECODE * 1e3)
         lengths.append(length)
-        print(f"  {engine.model.config.model_type} context {context}: prompt {length} tokens, prefill "
+        print(f"  {name} context {context}: prompt {length} tokens, prefill "
               f"{prefill[-1]:.3f} s, decode {decode[-1]:.2f} ms/token", flush=True)
     return {"prompt_tokens": lengths, "prefill_s": prefill, "decode_ms": decode}
 
@@ -110,13 +111,15 @@ def write_costs(costs: dict[str, CostModel], paths=CONFIGS) -> None:
         path.write_text("".join(lines))
 
 
-async def run(contexts: list[int], new: list[int], repeats: int) -> tuple[dict, dict[str, CostModel]]:
-    app = AppConfig.from_serve_config()
+async def run(contexts: list[int], new: list[int], repeats: int, config: Path = CONFIGS[0]
+              ) -> tuple[dict, dict[str, CostModel]]:
+    app = AppConfig.from_serve_config(config)
     engines = {}
-    for name in BACKENDS:
+    for name in BACKENDS:  # built as deployments/lm.py builds them: hf, or vllm on a GPU config
         cfg = app.backend(name)
-        engines[name] = HFEngine(resolve_model(cfg.model), max_context=cfg.capability.max_context,
-                                 **{k: v for k, v in cfg.engine_kwargs.items() if k != "draft_model"})
+        engines[name] = engine_class(cfg.engine)(
+            model=resolve_model(cfg.model), device=cfg.device, dtype=cfg.dtype,
+            max_context=cfg.capability.max_context, adapters={}, **cfg.engine_kwargs)
         await engines[name].start()
     tok = engines["transformer"].tokenizer
     ids = heldout_ids(tok, max(contexts))
@@ -125,7 +128,7 @@ async def run(contexts: list[int], new: list[int], repeats: int) -> tuple[dict, 
     curves, costs = {}, {}
     for name, engine in engines.items():
         texts = {c: tok.decode(ids[:c - DECODE]) for c in contexts}
-        curves[name] = await calibrate(engine, texts, repeats)
+        curves[name] = await calibrate(name, engine, texts, repeats)
         costs[name] = fit(curves[name], stamp)
 
     backends = {b.name: b.capability for b in app.backends}
@@ -176,11 +179,13 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--new", type=int, nargs="+", default=[16, 128, 384])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--write", action="store_true", help="store the fitted cost models in the configs")
+    parser.add_argument("--config", type=Path, default=CONFIGS[0], help="serve config to read (and --write)")
+    parser.add_argument("--write", action="store_true", help="store the fitted cost models in the config (and in "
+                        "the k8s manifest when it is serve_config.yaml)")
     args = parser.parse_args()
-    result, costs = asyncio.run(run(sorted(args.contexts), args.new, args.repeats))
+    result, costs = asyncio.run(run(sorted(args.contexts), args.new, args.repeats, args.config))
     if args.write:
-        write_costs(costs)
+        write_costs(costs, CONFIGS if args.config.resolve() == CONFIGS[0] else (args.config,))
     print(json.dumps(result))
 
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
+from ray.serve import metrics
 from starlette.requests import Request
 
 from deployments.config import LMBackend
@@ -44,6 +45,13 @@ class LMServer:
             **cfg.engine_kwargs,
         )
         await self.engine.start()
+        info = self.engine.info()
+        # Which engine and kernel path this replica runs, as a Prometheus info-style gauge (always 1;
+        # Serve adds the deployment and replica tags): switchyard_lm_engine{kernel="reference",...}.
+        metrics.Gauge("switchyard_lm_engine", description="Engine, architecture, kernel path and device of an LM "
+                      "replica (value 1).", tag_keys=("engine", "architecture", "kernel", "device")).set(1, tags={
+                          "engine": str(info.get("engine")), "architecture": str(info.get("architecture")),
+                          "kernel": str(info.get("kernel") or "none"), "device": str(info.get("device"))})
 
     async def generate(self, request: GenerationRequest) -> Completion | Failure:
         return await as_value(self.engine.generate(request))

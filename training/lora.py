@@ -31,6 +31,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from training.defaults import resolve_model
+from training.lm import lm_loss
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def eval_loss(model: torch.nn.Module, examples: list, pad: int, batch: int = 16)
     for i in range(0, len(examples), batch):
         b = collate(examples[i:i + batch], pad)
         n = int((b["labels"][:, 1:] != -100).sum())
-        total += model(**b).loss.item() * n
+        total += lm_loss(model, b["input_ids"], b["labels"]).item() * n
         count += n
     return total / count
 
@@ -152,7 +153,8 @@ def train(cfg: LoraConfig, base: str, backend: str, command: str) -> dict[str, A
     bar = tqdm(range(cfg.steps), desc=f"lora {backend}", file=sys.stderr)
     for _ in bar:
         model.train()
-        loss = model(**collate(random.sample(train_set, min(cfg.batch, len(train_set))), pad)).loss
+        b = collate(random.sample(train_set, min(cfg.batch, len(train_set))), pad)
+        loss = lm_loss(model, b["input_ids"], b["labels"])  # right padding: the mask changes no answer token
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -69,6 +69,25 @@ def test_models_lists_every_backend_with_its_engine(client):
     assert all(data[n]["switchyard"]["health"] == "ok" for n in ("mamba", "transformer", "trm", "dinov2"))
 
 
+def test_lm_replicas_export_their_kernel_path_as_a_metric(server):
+    """Ray's metrics agent serves what the replicas set (pushed every few seconds: poll)."""
+    import ray
+
+    port = ray._private.worker._global_node.metrics_export_port
+    deadline, lines = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        lines = [x for x in text.splitlines() if x.startswith("ray_switchyard_lm_engine{") and
+                 'application="switchyard"' in x]
+        if len(lines) >= 2:
+            break
+        time.sleep(2)
+    mamba = [x for x in lines if 'deployment="mamba"' in x]
+    transformer = [x for x in lines if 'deployment="transformer"' in x]
+    assert mamba and 'kernel="reference"' in mamba[0] and 'architecture="mamba"' in mamba[0], lines
+    assert transformer and 'kernel="none"' in transformer[0] and transformer[0].endswith(" 1.0"), lines
+
+
 def test_short_chat_goes_to_the_transformer(client):
     r = client.post("/v1/chat/completions", json=chat("hello, how are you?"))
     assert r.status_code == 200, r.text
