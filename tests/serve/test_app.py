@@ -62,7 +62,7 @@ def test_healthz(client):
 
 def test_models_lists_every_backend_with_its_engine(client):
     data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
-    assert set(data) == {"auto", "mamba", "transformer", "transformer:pydoc", "trm", "dinov2"}
+    assert set(data) == {"auto", "mamba", "mamba:pydoc", "transformer", "transformer:pydoc", "trm", "dinov2"}
     mamba, transformer = data["mamba"]["switchyard"], data["transformer"]["switchyard"]
     assert (mamba["engine"], mamba["architecture"], mamba["kernel"], mamba["device"]) == ("hf", "mamba", "reference", "cpu")
     assert (transformer["architecture"], transformer["kernel"]) == ("llama", None)

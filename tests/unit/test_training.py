@@ -1,5 +1,5 @@
 """training/: the corpus split, LM training, datasets, LoRA training, and the committed artefacts
-(the trained default transformer, its draft and its pydoc adapter)."""
+(the trained default transformer, its draft, the trained default Mamba, and their pydoc adapters)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from training import corpus, datasets, lm, lora
 from training.defaults import TRAINED_DIR, ensure, resolve_model
 
 LLAMA, DRAFT, ADAPTER = (TRAINED_DIR / n for n in ("tiny-llama", "tiny-llama-draft", "tiny-llama-pydoc-lora"))
+MAMBA, MAMBA_ADAPTER = TRAINED_DIR / "tiny-mamba", TRAINED_DIR / "tiny-mamba-pydoc-lora"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -83,18 +84,30 @@ def test_train_runs_end_to_end_and_reports(tmp_path):
 
 # --- the committed trained defaults ------------------------------------------------------------
 
-def test_trained_transformer_beats_unigram_and_uniform_on_heldout_files():
-    report = json.loads((LLAMA / "training.json").read_text())
+@pytest.mark.parametrize("path", [LLAMA, MAMBA], ids=lambda p: p.name)
+def test_trained_default_beats_unigram_and_uniform_on_heldout_files(path):
+    report = json.loads((path / "training.json").read_text())
     assert report["heldout_ppl"] < report["unigram_ppl"] / 4 < report["uniform_ppl"]
-    assert resolve_model("embedded:tiny-llama") == str(LLAMA) == str(ensure("tiny-llama"))
+    assert resolve_model(f"embedded:{path.name}") == str(path) == str(ensure(path.name))
 
 
-def test_heldout_perplexity_is_reproduced_from_the_weights():
-    model = AutoModelForCausalLM.from_pretrained(LLAMA)
-    tok = AutoTokenizer.from_pretrained(LLAMA)
-    report = json.loads((LLAMA / "training.json").read_text())
+@pytest.mark.parametrize("path", [LLAMA, MAMBA], ids=lambda p: p.name)
+def test_heldout_perplexity_is_reproduced_from_the_weights(path):
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    report = json.loads((path / "training.json").read_text())
     windows = lm.eval_windows(lm.token_stream(tok, "heldout"), 64, report["preset"]["seq"])
     assert lm.perplexity(model, windows) == pytest.approx(report["heldout_ppl"], rel=0.01)
+
+
+def test_trained_mamba_shares_the_transformers_tokenizer_and_loss_through_transformers():
+    """One tokenizer for the router and both LMs; the loss models.mamba trained on is transformers'."""
+    assert AutoTokenizer.from_pretrained(MAMBA).get_vocab() == AutoTokenizer.from_pretrained(LLAMA).get_vocab()
+    model = AutoModelForCausalLM.from_pretrained(MAMBA).eval()
+    assert model.config.model_type == "mamba"
+    x = lm.eval_windows(lm.token_stream(AutoTokenizer.from_pretrained(MAMBA), "heldout"), 2, 128)
+    with torch.no_grad():
+        assert lm.lm_loss(model, x, x).item() == pytest.approx(model(input_ids=x, labels=x).loss.item(), rel=1e-4)
 
 
 def test_draft_shares_the_tokenizer_and_is_smaller():
@@ -189,25 +202,30 @@ def test_backend_model_reads_the_serve_config():
 
 # --- the shipped adapter --------------------------------------------------------------------------
 
-def test_shipped_adapter_lowers_eval_loss_on_its_domain():
+SHIPPED = [(LLAMA, ADAPTER), (MAMBA, MAMBA_ADAPTER)]
+
+
+@pytest.mark.parametrize("base_path,adapter", SHIPPED, ids=["transformer", "mamba"])
+def test_shipped_adapter_lowers_eval_loss_on_its_domain(base_path, adapter):
     from peft import PeftModel
 
-    tok = AutoTokenizer.from_pretrained(LLAMA)
+    tok = AutoTokenizer.from_pretrained(base_path)
     examples = lora.load_examples(datasets.DATA_DIR / "pydoc.eval.jsonl", tok, 256)[:48]
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(LLAMA), ADAPTER)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), adapter)
     with model.disable_adapter():
         base = lora.eval_loss(model, examples, tok.pad_token_id)
     tuned = lora.eval_loss(model, examples, tok.pad_token_id)
     assert tuned < base - 0.2
-    report = json.loads((ADAPTER / "training.json").read_text())
+    report = json.loads((adapter / "training.json").read_text())
     assert report["eval_loss_after"] < report["eval_loss_before"]
 
 
-def test_shipped_adapter_changes_the_output():
+@pytest.mark.parametrize("base_path,adapter", SHIPPED, ids=["transformer", "mamba"])
+def test_shipped_adapter_changes_the_output(base_path, adapter):
     from peft import PeftModel
 
-    tok = AutoTokenizer.from_pretrained(LLAMA)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(LLAMA), ADAPTER).eval()
+    tok = AutoTokenizer.from_pretrained(base_path)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), adapter).eval()
     row = json.loads((datasets.DATA_DIR / "pydoc.eval.jsonl").read_text().splitlines()[0])
     ids = tok.apply_chat_template(row["messages"][:1], add_generation_prompt=True, return_tensors="pt",
                                   return_dict=True)["input_ids"]
@@ -217,3 +235,12 @@ def test_shipped_adapter_changes_the_output():
         with model.disable_adapter():
             base = model.generate(input_ids=ids, **kw)
     assert not torch.equal(tuned, base)
+
+
+def test_shipped_mamba_adapter_moved_in_proj_x_proj_and_embeddings():
+    from safetensors.torch import load_file
+
+    weights = load_file(MAMBA_ADAPTER / "adapter_model.safetensors")
+    for module in ("in_proj", "x_proj", "embeddings"):
+        moved = [k for k, v in weights.items() if module in k and "_B" in k and v.abs().sum() > 0]
+        assert moved, f"no trained LoRA B weight on {module}: {sorted(weights)}"
