@@ -7,7 +7,8 @@ greedy with ignore_eos, on held-out stdlib source (text neither model trained on
 1. Calibration, at every context C in --contexts: a prompt of C - 32 tokens; prefill seconds are
    the time of a 1-token request, decode ms per token is (time of a 33-token request - that) / 32,
    so decode is measured at contexts C - 32 .. C. Medians of --repeats runs. The fits: prefill a
-   quadratic in the prompt length, decode a line in the context (numpy least squares).
+   quadratic in the prompt length, decode a line in the context (least squares with coefficients
+   kept >= 0, scipy's nnls).
 2. Router check, on a grid of contexts x new tokens N (--new), the prompt being the context less
    N tokens: both backends run the whole request; the router (routing.Policy on serve_config.yaml's routing, with the
    fitted cost models) predicts from (L, N); `router_choice_ok` is the share of grid points where
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.optimize
 import torch
 
 from deployments.config import AppConfig
@@ -89,10 +91,19 @@ async def calibrate(name: str, engine: Engine, texts: dict[int, str], repeats: i
     return {"prompt_tokens": lengths, "prefill_s": prefill, "decode_ms": decode}
 
 
+def _nonnegative_fit(x: np.ndarray, y: list[float], degree: int) -> list[float]:
+    """Least-squares polynomial coefficients (constant first), all >= 0: costs do not fall as the
+    context grows, and the router extrapolates beyond the measured range (up to 65k for mamba)."""
+    scale = x.max()  # columns of similar size, for a well-conditioned solve
+    vander = np.vander(x / scale, degree + 1, increasing=True)
+    coefficients, _ = scipy.optimize.nnls(vander, np.asarray(y, dtype=float))
+    return [c / scale**i for i, c in enumerate(coefficients)]
+
+
 def fit(curve: dict[str, list[float]], measured: str) -> CostModel:
     lengths = np.array(curve["prompt_tokens"], dtype=float)
-    prefill = np.polynomial.polynomial.polyfit(lengths, curve["prefill_s"], 2)
-    decode = np.polynomial.polynomial.polyfit(lengths + DECODE / 2, curve["decode_ms"], 1)
+    prefill = _nonnegative_fit(lengths, curve["prefill_s"], 2)
+    decode = _nonnegative_fit(lengths + DECODE / 2, curve["decode_ms"], 1)
     return CostModel(prefill_s=[float(f"{c:.4g}") for c in prefill],
                      decode_ms=[float(f"{c:.4g}") for c in decode], measured=measured)
 

@@ -48,10 +48,11 @@ class LMServer:
         info = self.engine.info()
         # Which engine and kernel path this replica runs, as a Prometheus info-style gauge (always 1;
         # Serve adds the deployment and replica tags): switchyard_lm_engine{kernel="reference",...}.
-        metrics.Gauge("switchyard_lm_engine", description="Engine, architecture, kernel path and device of an LM "
-                      "replica (value 1).", tag_keys=("engine", "architecture", "kernel", "device")).set(1, tags={
-                          "engine": str(info.get("engine")), "architecture": str(info.get("architecture")),
-                          "kernel": str(info.get("kernel") or "none"), "device": str(info.get("device"))})
+        self.engine_gauge = metrics.Gauge(
+            "switchyard_lm_engine", tag_keys=("engine", "architecture", "kernel", "device"),
+            description="Engine, architecture, kernel path and device of an LM replica (value 1).")
+        self.engine_gauge.set(1, tags={"engine": str(info.get("engine")), "architecture": str(info.get("architecture")),
+                                       "kernel": str(info.get("kernel") or "none"), "device": str(info.get("device"))})
 
     async def generate(self, request: GenerationRequest) -> Completion | Failure:
         return await as_value(self.engine.generate(request))

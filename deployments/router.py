@@ -329,15 +329,19 @@ class Router:
     def _answered(self, out: _Outcome, name: str, result: Any) -> bool:
         """True when `result` is an answer; a Failure is a 400 (request at fault) or a recorded failure."""
         if isinstance(result, Failure):
+            if result.kind == "invalid" and name in out.decision.degraded:
+                # the cut-down last resort refused it: the client's request was fine for the others
+                out.attempts.append(_Attempt(name, f"degraded fallback refused: {result.message}"))
+                return False
             if result.kind == "invalid":
                 raise ApiError(400, result.message)
             self._failed(out, name, result.message)
             return False
         self.failures[name] = 0
         out.served_by = name
-        if name in out.decision.degraded:
-            cut = getattr(result, "truncated_tokens", 0)
-            out.degraded = f"{name}: {out.decision.degraded[name]}" + (f" ({cut} tokens)" if cut else "")
+        cut = getattr(result, "truncated_tokens", 0)  # the engine's count: the router's estimate may differ
+        if name in out.decision.degraded and cut:
+            out.degraded = f"{name}: {out.decision.degraded[name]} ({cut} tokens)"
         return True
 
     def _failed(self, out: _Outcome, name: str, error: str) -> None:
@@ -466,7 +470,7 @@ class Router:
         f = self._features("route", body)
         d = self._decide(f)
         return {"backend": d.backend, "fallbacks": list(d.fallbacks), "scores": d.scores, "excluded": d.excluded,
-                "predicted_s": d.predicted_s,
+                "predicted_s": d.predicted_s, "degraded": d.degraded,
                 "reason": d.reason, "task": d.task, "task_source": d.task_source,
                 "features": {"tokens": f.tokens, "pages": f.pages, "modality": f.modality,
                              "max_new_tokens": f.max_new_tokens}}

@@ -53,7 +53,7 @@ class Delta:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    truncated_tokens: int = 0
+    truncated_tokens: int = 0  # on every piece, so the router knows from the first one
 
 
 def render_documents(documents: list[tuple[str, int | None]]) -> str:

@@ -230,7 +230,8 @@ class HFEngine(Engine):
 
     # --- prompt -----------------------------------------------------------------
 
-    def _encode(self, req: GenerationRequest) -> torch.Tensor:
+    def _encode(self, req: GenerationRequest) -> tuple[torch.Tensor, int]:
+        """(prompt ids as a (1, n) tensor, prompt tokens cut to fit)."""
         text = prompt_text(req, self.tokenizer)
         ids, cut = fit_prompt(self.tokenizer(text, add_special_tokens=False).input_ids, req, self.max_context)
         if req.adapter is not None and req.adapter not in self.adapter_paths:
@@ -438,7 +439,7 @@ class HFEngine(Engine):
                 if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
                     safe = min(safe, len(text) - 1)
                 if safe > sent:
-                    yield Delta(text[sent:safe])
+                    yield Delta(text[sent:safe], truncated_tokens=job.truncated)
                     sent = safe
         finally:
             await stream.aclose()  # cancels the job when the consumer (client) went away

@@ -63,15 +63,30 @@ def _conv_update(hidden_states, conv_state, weight, bias=None, activation=None):
     return out.to(hidden_states.dtype)
 
 
+ORIGINAL_CONV_UPDATE = None  # transformers' own, kept by use_fast_conv (tests compare the two)
+
+
 def use_fast_conv() -> bool:
     """Installs `_conv_update` as transformers' Mamba conv step when causal-conv1d is not installed
-    (the kernel, when present, is left alone). Returns whether it did."""
+    (the kernel, when present, is left alone). Process-wide; returns whether it did."""
+    global ORIGINAL_CONV_UPDATE
     if importlib.util.find_spec("causal_conv1d") is not None:
         return False
     from transformers.models.mamba import modeling_mamba
 
+    if ORIGINAL_CONV_UPDATE is None:
+        ORIGINAL_CONV_UPDATE = modeling_mamba.causal_conv1d_update
     modeling_mamba.causal_conv1d_update = _conv_update
     return True
+
+
+def state_from_cache(model: torch.nn.Module, cache) -> State:
+    """The State after a transformers forward with `use_cache=True`: its conv states hold the last K
+    inputs of each layer's conv (left zero-padded for short prompts), of which the next step needs K-1."""
+    k = model.config.conv_kernel - 1
+    layers = range(model.config.num_hidden_layers)
+    return State([cache.get_conv_state(i)[..., -k:].clone() for i in layers],
+                 [cache.get_recurrent_state(i).float().clone() for i in layers])
 
 
 def _mixer(m: torch.nn.Module, hidden: torch.Tensor, conv0: torch.Tensor, h0: torch.Tensor, keep: bool):

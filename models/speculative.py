@@ -100,8 +100,9 @@ class _KV:
 
 
 class _SSM:
-    """A Mamba model's recurrent state: the forward keeps the state after each position and the
-    rollback takes the one after the last kept token."""
+    """A Mamba model's recurrent state: the prompt goes through transformers' own forward (the fused
+    kernels where installed), whose cached conv and SSM states seed models.mamba's state; each check
+    keeps the state after every position and the rollback takes the one after the last kept token."""
 
     def __init__(self, model: torch.nn.Module):
         self.model, self.state, self.states = model, None, []
@@ -109,10 +110,11 @@ class _SSM:
     def forward(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
         x = torch.tensor([ids], device=self.model.device)
         if last_only:  # the prompt: no rollback within it
-            logits, self.state = mamba.forward(self.model, x, self.state, logits_to_keep=1)
+            out = self.model(input_ids=x, use_cache=True, logits_to_keep=1)
+            self.state = mamba.state_from_cache(self.model, out.cache)
             self.states = [self.state]
-        else:
-            logits, self.states = mamba.forward(self.model, x, self.state, keep=True)
+            return out.logits[0]
+        logits, self.states = mamba.forward(self.model, x, self.state, keep=True)
         return logits[0]
 
     def rollback(self, refused: int) -> None:
@@ -120,9 +122,9 @@ class _SSM:
 
 
 def supports(model: torch.nn.Module) -> bool:
-    """Whether this loop can speculate for the model: attention models with a KV cache, and Mamba-1."""
-    model_type = model.config.model_type
-    return model_type == "mamba" or not model_type.startswith("mamba")
+    """Whether this loop can speculate for the model: Mamba-1, and models without recurrent state
+    (attention with a KV cache). Other stateful models (Mamba-2, hybrids, RWKV) are refused."""
+    return model.config.model_type == "mamba" or not getattr(model, "_is_stateful", False)
 
 
 @dataclass

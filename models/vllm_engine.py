@@ -223,7 +223,7 @@ class VLLMEngine(Engine):
                     finished = True
                     yield Delta(piece.text, finish_reason(piece.finish_reason), prompt_tokens, completion_tokens, cut)
                 elif piece.text:  # vLLM holds back text that may still become a stop string
-                    yield Delta(piece.text)
+                    yield Delta(piece.text, truncated_tokens=cut)
         finally:
             if not finished:  # the consumer went away (client gone, deadline) or failed: free the slot
                 await self.engine.abort(rid)

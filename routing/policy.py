@@ -22,6 +22,9 @@ from routing.features import Features
 ErrorKind = Literal["invalid", "not_found", "unavailable"]
 
 
+_CONTEXT = "context "  # how a too-short context's exclusion reason starts
+
+
 class RoutingError(Exception):
     """No backend can take the request. `kind` says whose fault: the request's or capacity's."""
 
@@ -135,7 +138,7 @@ class Policy:
             return f"has no adapter {f.adapter!r}"
         need = f.tokens + f.max_new_tokens
         if context and need > cap.max_context:
-            return f"context {cap.max_context} < {f.tokens} prompt + {f.max_new_tokens} new tokens"
+            return f"{_CONTEXT}{cap.max_context} < {f.tokens} prompt + {f.max_new_tokens} new tokens"
         if state is not None and not state.healthy:
             return "unhealthy"
         return None
@@ -161,24 +164,29 @@ class Policy:
             return (1, -scores[n])
 
         ranked = sorted((n for n in names if n not in excluded), key=rank)
-        if not ranked:
+        # Backends too short for the prompt stay as a cut-down last resort, after every full candidate,
+        # when some backend could take the whole prompt (a healthy one now, or one that is unhealthy).
+        degraded = {}
+        if f.backend is None and (ranked or "unhealthy" in excluded.values()):
+            short = [n for n in names if excluded.get(n, "").startswith(_CONTEXT)
+                     and self.backends[n].max_context > 2 * f.max_new_tokens
+                     and self._exclusion(n, task, f, states.get(n), context=False) is None]
+            for n in sorted(short, key=lambda n: -self.backends[n].max_context):
+                degraded[n] = f"{excluded[n]}: the prompt's middle was cut"
+        candidates = [*ranked, *degraded]
+        if not candidates:
             raise _no_route(f, task, excluded)
-        best = ranked[0]
+        best = candidates[0]
         if f.backend is not None:
             how = "pinned by model"
+        elif best in degraded:
+            how = f"degraded, every backend with the context for it is unavailable ({degraded[best]})"
         elif by_cost and best in predicted:
             how = f"lowest predicted latency {predicted[best]:.3f} s"
         else:
             how = f"best score {scores[best]:.3f}"
         reason = f"task {task} ({source}: {why}); {best}: {how}"
-        degraded = {}
-        if f.backend is None:  # backends too short for the prompt stay as a cut-down last resort
-            for n in names:
-                why_not = excluded.get(n, "")
-                if (why_not.startswith("context") and self.backends[n].max_context > 2 * f.max_new_tokens
-                        and self._exclusion(n, task, f, states.get(n), context=False) is None):
-                    degraded[n] = f"{why_not}: the prompt's middle was cut"
-        return Decision(best, (*ranked[1:], *degraded), task, source, reason, scores, excluded, predicted, degraded)
+        return Decision(best, tuple(candidates[1:]), task, source, reason, scores, excluded, predicted, degraded)
 
     def predict(self, f: Features, states: Mapping[str, BackendState]) -> dict[str, float]:
         """Predicted seconds for the request on every backend with a cost model, scaled by its load."""
@@ -199,5 +207,5 @@ def _no_route(f: Features, task: str, excluded: dict[str, str]) -> RoutingError:
         return RoutingError(f"no healthy backend for task {task}: {detail}", "unavailable")
     if any(why == "unhealthy" for why in excluded.values()):
         return RoutingError(f"no backend can serve this request now: {detail}", "unavailable")
-    param = "messages" if any(why.startswith("context") for why in excluded.values()) else "model"
+    param = "messages" if any(why.startswith(_CONTEXT) for why in excluded.values()) else "model"
     return RoutingError(f"no backend can serve this request: {detail}", "invalid", param)

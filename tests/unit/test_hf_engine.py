@@ -103,11 +103,11 @@ def test_mamba_speculation_keeps_greedy_output(models):
         await engine.start()
         plain = [await engine.generate(req(p * 3, 24)) for p in PROMPTS]
         spec = [await engine.generate(req(p * 3, 24, speculation="prompt_lookup")) for p in PROMPTS]
-        return plain, spec, engine.info()
+        return plain, spec, engine.info(), engine.spec_stats
 
-    plain, spec, info = run(go())
+    plain, spec, info, stats = run(go())
     assert [c.text for c in spec] == [c.text for c in plain]
-    assert info["speculation_rounds"] > 0 and info["kernel"] == "reference"
+    assert stats.accepted > 0 and info["kernel"] == "reference"  # guesses were kept, so states were rolled back
 
 
 def test_mamba2_refuses_speculation_per_request_and_in_the_config(models):

@@ -34,3 +34,12 @@ def test_write_replaces_the_cost_lines_only(tmp_path):
     changed = [(a, b) for a, b in zip(original.splitlines(), path.read_text().splitlines()) if a != b]
     assert len(changed) == 2 and all(b.strip().startswith("cost: {") for _, b in changed)
     assert len(original.splitlines()) == len(path.read_text().splitlines())
+
+
+def test_fit_never_has_a_falling_curve():
+    lengths = [480, 992, 2016, 4064, 8160]
+    curve = {"prompt_tokens": lengths, "prefill_s": [0.5, 0.9, 1.6, 3.0, 5.5],
+             "decode_ms": [9.0, 8.8, 9.1, 8.7, 8.9]}  # flat with noise: a free fit can slope down
+    cost = long_context.fit(curve, "test")
+    assert all(c >= 0 for c in cost.prefill_s + cost.decode_ms)
+    assert cost.predict_s(65536, 100) > cost.predict_s(8192, 100)

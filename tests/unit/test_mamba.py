@@ -92,3 +92,28 @@ def test_mamba2_is_refused_clearly():
     assert not speculative.supports(model)
     with pytest.raises(ValueError, match="not available for mamba2"):
         speculative.generate(model, [2, 3], speculative.PromptLookup(4), speculative.greedy, lambda _: False, 4)
+
+
+@torch.inference_mode()
+def test_state_from_transformers_cache_equals_the_forwards_state(model):
+    for n in (2, 20):  # shorter and longer than the conv kernel
+        ids = _ids(5, n)[:1]
+        out = model(input_ids=ids, use_cache=True)
+        ours = mamba.state_from_cache(model, out.cache)
+        _, state = mamba.forward(model, ids)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours.conv, state.conv))
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours.ssm, state.ssm))
+
+
+def test_fast_conv_step_equals_transformers_own():
+    from transformers.models.mamba import modeling_mamba
+
+    mamba.use_fast_conv()
+    original = mamba.ORIGINAL_CONV_UPDATE or modeling_mamba.causal_conv1d_update
+    assert modeling_mamba.causal_conv1d_update is mamba._conv_update and original is not mamba._conv_update
+    g = torch.Generator().manual_seed(0)
+    x, state, w, b = (torch.randn(*s, generator=g) for s in ((2, 8, 1), (2, 8, 4), (8, 4), (8,)))
+    state_ours = state.clone()
+    expected = original(x, state, w, b, activation="silu")
+    got = mamba._conv_update(x, state_ours, w, b, activation="silu")
+    assert torch.allclose(got, expected, atol=1e-6) and torch.equal(state_ours, state)

@@ -106,7 +106,7 @@ ERRORS = [
      "unhealthy"),
     ("both LMs unhealthy", feat(), {"mamba": BackendState(healthy=False), "transformer": BackendState(healthy=False)},
      "unavailable", "healthy"),
-    ("long prompt, mamba down, too long for the transformer", feat(tokens=9000),
+    ("long prompt, mamba down, too long for the transformer even cut", feat(tokens=9000, max_new=5000),
      {"mamba": BackendState(healthy=False)}, "unavailable", "mamba unhealthy"),
 ]
 
@@ -203,6 +203,12 @@ def test_a_backend_too_short_for_the_prompt_is_a_degraded_last_resort(policy):
 ])
 def test_no_degraded_fallback(policy, case, f, states):
     assert policy.decide(f, states).degraded == {}
+
+
+def test_the_degraded_fallback_serves_when_the_backend_with_the_context_is_unhealthy(policy):
+    d = policy.decide(feat(tokens=9000), {"mamba": BackendState(healthy=False)})
+    assert d.candidates == ("transformer",) and "degraded" in d.reason
+    assert d.degraded["transformer"].startswith("context 8192 < 9000")
 
 
 def test_nothing_degraded_when_no_backend_takes_the_whole_prompt(policy):
