@@ -1,7 +1,7 @@
 """The embedded default models: tiny, made by this project's code, no download.
 
-The transformer, its draft and its adapter are trained (training/lm.py, training/lora.py) and
-committed under models/embedded with a training.json saying how. The others are seeded builds:
+The transformer, its draft, the Mamba and their adapters are trained (training/lm.py,
+training/lora.py) and committed under models/embedded with a training.json saying how. The others are seeded builds:
 a config names one as `embedded:NAME`; `resolve_model` builds it on first use into
 SWITCHYARD_CACHE (atomic rename under a file lock, so replicas starting together build it
 once) and returns a local path that the ordinary `from_pretrained` loaders read, the same
@@ -65,28 +65,6 @@ def build_tokenizer(out: Path, vocab_size: int = 4096, files: int = 200) -> None
     ).save_pretrained(out)
 
 
-def _build_lm(out: Path, make_config: Callable[[int, object], object]) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    build_tokenizer(out)
-    tok = AutoTokenizer.from_pretrained(out)
-    torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(make_config(len(tok), tok))
-    model.save_pretrained(out)
-
-
-def build_mamba(out: Path) -> None:
-    """A 4-layer Mamba-1 (transformers classes) of the same width as the Llama."""
-    from transformers import MambaConfig
-
-    _build_lm(out, lambda vocab, tok: MambaConfig(
-        vocab_size=vocab, hidden_size=128, state_size=16, num_hidden_layers=4, expand=2,
-        conv_kernel=4, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    ))
-
-
 def build_trm(out: Path) -> None:
     """TRM for 9x9 sudoku with the default TRMConfig, seeded weights (trained in a later issue)."""
     import torch
@@ -105,7 +83,6 @@ def build_dinov2(out: Path) -> None:
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
-    "tiny-mamba": build_mamba,
     "tiny-trm": build_trm,
     "tiny-dinov2": build_dinov2,
 }
