@@ -4,9 +4,10 @@ models fitted to them, and how often the router, using those models, picks the f
 Each backend runs as the config sets it up (its engine, as deployments/lm.py builds it), one request at a time,
 greedy with ignore_eos, on held-out stdlib source (text neither model trained on).
 
-1. Calibration, at every context C in --contexts: a prompt of C - 32 tokens; prefill seconds are
-   the time of a 1-token request, decode ms per token is (time of a 33-token request - that) / 32,
-   so decode is measured at contexts C - 32 .. C. Medians of --repeats runs. The fits: prefill a
+1. Calibration, at every context C in --contexts: a streamed request of 64 new tokens after a
+   prompt of C - 65 tokens; prefill seconds are the time to its first piece, decode ms per token
+   the time from the first piece to the last over 63, so decode is measured at contexts C - 64 .. C.
+   Medians of --repeats runs. The fits: prefill a
    quadratic in the prompt length, decode a line in the context (least squares with coefficients
    kept >= 0, scipy's nnls).
 2. Router check, on a grid of contexts x new tokens N (--new), the prompt being the context less
@@ -50,7 +51,7 @@ from training.defaults import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("mamba", "transformer")
-DECODE = 32  # tokens decoded per calibration point
+DECODE = 64  # tokens decoded per calibration point
 CONFIGS = (ROOT / "serve_config.yaml", ROOT / "k8s" / "rayservice-cpu.yaml")
 
 
@@ -73,20 +74,28 @@ async def timed(engine: Engine, prompt: str, new: int) -> tuple[float, int]:
     return time.perf_counter() - start, done.prompt_tokens
 
 
+async def streamed(engine: Engine, prompt: str, new: int) -> tuple[float, float, int]:
+    """(seconds to the first streamed piece, ms per token after it, prompt tokens) of one greedy
+    request making exactly `new` tokens."""
+    start = time.perf_counter()
+    first = last = None
+    async for delta in engine.stream(GenerationRequest("bench", prompt=prompt, max_tokens=new, temperature=0,
+                                                       ignore_eos=True)):
+        last = time.perf_counter()
+        first = first or last
+    assert delta.completion_tokens == new, delta
+    return first - start, (last - first) / (new - 1) * 1e3, delta.prompt_tokens
+
+
 async def calibrate(name: str, engine: Engine, texts: dict[int, str], repeats: int) -> dict[str, list[float]]:
     prefill, decode, lengths = [], [], []
     for context, text in texts.items():
-        await timed(engine, text, 1)  # warm-up at this length
-        firsts, wholes = [], []
-        for _ in range(repeats):
-            first, length = await timed(engine, text, 1)
-            whole, _ = await timed(engine, text, DECODE + 1)
-            firsts.append(first)
-            wholes.append(whole)
-        prefill.append(statistics.median(firsts))
-        decode.append((statistics.median(wholes) - prefill[-1]) / DECODE * 1e3)
-        lengths.append(length)
-        print(f"  {name} context {context}: prompt {length} tokens, prefill "
+        await streamed(engine, text, 2)  # warm-up at this length
+        runs = [await streamed(engine, text, DECODE) for _ in range(repeats)]
+        prefill.append(statistics.median(r[0] for r in runs))
+        decode.append(statistics.median(r[1] for r in runs))
+        lengths.append(runs[0][2])
+        print(f"  {name} context {context}: prompt {lengths[-1]} tokens, prefill "
               f"{prefill[-1]:.3f} s, decode {decode[-1]:.2f} ms/token", flush=True)
     return {"prompt_tokens": lengths, "prefill_s": prefill, "decode_ms": decode}
 
@@ -138,7 +147,7 @@ async def run(contexts: list[int], new: list[int], repeats: int, config: Path = 
 
     curves, costs = {}, {}
     for name, engine in engines.items():
-        texts = {c: tok.decode(ids[:c - DECODE]) for c in contexts}
+        texts = {c: tok.decode(ids[:c - DECODE - 1]) for c in contexts}  # the context holds the last token too
         curves[name] = await calibrate(name, engine, texts, repeats)
         costs[name] = fit(curves[name], stamp)
 
@@ -148,7 +157,7 @@ async def run(contexts: list[int], new: list[int], repeats: int, config: Path = 
     grid = []
     for context in contexts:
         for n in (n for n in new if n < context):
-            text = tok.decode(ids[:context - n])
+            text = tok.decode(ids[:context - n - 1])
             point = {"prompt_tokens": None, "new_tokens": n, "seconds": {}}
             for name, engine in engines.items():
                 if engine.max_context is None or context <= engine.max_context:
