@@ -10,10 +10,10 @@ Methods, each prompt run by every method in turn (side by side, so machine noise
 
     python -m bench.speculative [--prompts 12] [--tokens 128] [--backend transformer|mamba]
 
---backend mamba: the Mamba backend, methods none and prompt_lookup (its speculation rolls the SSM
-state back, models/mamba.py; transformers has no speculative path for Mamba to compare with), and
-loop_no_guesses: the speculation loop with a proposer that never guesses, which separates what the
-leaner loop gains over transformers' generate() from what the accepted guesses gain.
+--backend mamba: the Mamba backend, methods none (a lone request on the reference path runs the
+speculation loop with no guesses, models/hf_engine.py) and prompt_lookup (its speculation rolls the
+SSM state back, models/mamba.py), and hf_generate: transformers' own greedy generate(), which has no
+speculative path for Mamba, for comparison with the engine's plain path.
 
 Last line: one JSON object: tokens/s of each engine method (total tokens over total seconds),
 speedups over plain decoding, acceptance rate (kept guesses over guesses), `identical` (both
@@ -32,7 +32,6 @@ import time
 import torch
 
 from deployments.config import AppConfig
-from models import speculative
 from models.engine import GenerationRequest
 from models.hf_engine import HFEngine
 from training import corpus
@@ -51,14 +50,6 @@ def prompts(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
     return out
 
 
-class _NoGuesses:
-    def propose(self, tokens: list[int]) -> list[int]:
-        return []
-
-    def keep(self, n: int) -> None:
-        pass
-
-
 async def run(n: int, tokens: int, backend: str = "transformer") -> dict:
     cfg = AppConfig.from_serve_config().backend(backend)
     kwargs = dict(cfg.engine_kwargs)
@@ -66,7 +57,7 @@ async def run(n: int, tokens: int, backend: str = "transformer") -> dict:
     await engine.start()
     model, tok, draft = engine.model, engine.tokenizer, engine.draft
     k_draft, k_lookup = kwargs.get("draft_tokens"), kwargs.get("prompt_lookup_tokens", engine.prompt_lookup_tokens)
-    methods = ENGINE_METHODS + HF_METHODS if draft is not None else ("none", "prompt_lookup", "loop_no_guesses")
+    methods = ENGINE_METHODS + HF_METHODS if draft is not None else ("none", "prompt_lookup", "hf_generate")
 
     def hf(method: str, messages: list[dict[str, str]]) -> tuple[str, int]:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
@@ -82,16 +73,14 @@ async def run(n: int, tokens: int, backend: str = "transformer") -> dict:
             new = new[:-1]
         return tok.decode(new, skip_special_tokens=True), len(new)
 
-    def loop_alone(messages: list[dict[str, str]]) -> tuple[str, int]:
-        """models.speculative's loop with a proposer that never guesses: its cost without speculation."""
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-        new: list[int] = []
-
-        def emit(kept: list[int]) -> bool:
-            new.extend(kept)
-            return new[-1] == tok.eos_token_id
-
-        speculative.generate(model, list(ids), _NoGuesses(), speculative.greedy, emit, tokens)
+    def hf_generate(messages: list[dict[str, str]]) -> tuple[str, int]:
+        """transformers' own greedy generate(), for comparison with the engine's plain path."""
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, max_new_tokens=tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        new = out[0, ids.shape[1]:].tolist()
         if new and new[-1] == tok.eos_token_id:
             new = new[:-1]
         return tok.decode(new, skip_special_tokens=True), len(new)
@@ -110,8 +99,8 @@ async def run(n: int, tokens: int, backend: str = "transformer") -> dict:
                 text, count = done.text, done.completion_tokens
                 accepted[method][0] += engine.spec_stats.accepted - before[0]
                 accepted[method][1] += engine.spec_stats.proposed - before[1]
-            elif method == "loop_no_guesses":
-                text, count = loop_alone(messages)
+            elif method == "hf_generate":
+                text, count = hf_generate(messages)
             else:
                 text, count = hf(method, messages)
             seconds[method].append(time.perf_counter() - start)
@@ -126,9 +115,10 @@ async def run(n: int, tokens: int, backend: str = "transformer") -> dict:
             "prompt_lookup_speedup": round(rate["prompt_lookup"] / rate["none"], 2),
             "acceptance_rate": round(accepted["prompt_lookup"][0] / max(1, accepted["prompt_lookup"][1]), 3),
             "identical": same["prompt_lookup"],
-            # the same loop proposing nothing: how much of the speedup is the loop rather than the guesses
-            "loop_no_guesses_tok_s": round(rate["loop_no_guesses"], 1),
-            "speculation_gain_over_loop": round(rate["prompt_lookup"] / rate["loop_no_guesses"], 2),
+            # transformers' generate(), which the engine's plain path replaces for a lone Mamba request
+            "hf_generate_tok_s": round(rate["hf_generate"], 1),
+            "prompt_lookup_speedup_over_hf_generate": round(rate["prompt_lookup"] / rate["hf_generate"], 2),
+            "hf_generate_identical": same["hf_generate"],
             "median_s": {m: round(statistics.median(s), 3) for m, s in seconds.items()},
             "backend": backend, "model": cfg.model, "kernel": engine.info()["kernel"], "prompts": n,
             "max_tokens": tokens, "tokens": made["none"], "prompt_lookup_tokens": k_lookup,

@@ -185,6 +185,9 @@ class HFEngine(Engine):
         if cfg.model_type == "mamba" and mamba_kernel_path(cfg.model_type, self.device) == "reference":
             mamba.use_fast_conv()
         self.can_speculate = speculative.supports(self.model)
+        # A lone request on Mamba's reference path decodes through models.speculative's loop with no
+        # guesses: about 1.3x transformers' generate() here (bench.speculative --backend mamba).
+        self.lone_loop = mamba_kernel_path(cfg.model_type, self.device) == "reference" and cfg.model_type == "mamba"
         if not self.can_speculate and self.speculation != "none":
             raise ValueError(f"speculative decoding is not available for {cfg.model_type} models (Mamba-1 and "
                              "attention models only)")
@@ -212,6 +215,7 @@ class HFEngine(Engine):
             "adapters_loaded": list(self._loaded),
             "max_batch_size": self.max_batch_size,
             "speculation": self.speculation,
+            "lone_request_loop": self.lone_loop,
             "draft_model": self.draft_ref,
             "running": self.running,
             "waiting": len(self._waiting),
@@ -309,10 +313,12 @@ class HFEngine(Engine):
             if first.seed is not None:
                 torch.manual_seed(first.seed)
             with torch.inference_mode(), self._adapter(first.adapter):
-                if jobs[0].speculation == "none":
-                    self._generate(jobs)
-                else:
+                if jobs[0].speculation != "none":
                     self._speculate(jobs[0])
+                elif len(jobs) == 1 and self.lone_loop:
+                    self._speculate(jobs[0], speculative.NoGuesses())
+                else:
+                    self._generate(jobs)
         except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the engine
             logger.exception("generation failed for a batch of %d", len(jobs))
             for job in jobs:
@@ -348,18 +354,19 @@ class HFEngine(Engine):
             kwargs["min_new_tokens"] = kwargs["max_new_tokens"]
         self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
 
-    def _speculate(self, job: _Job) -> None:
-        """One request through models.speculative with the prompt-lookup or draft proposer."""
+    def _speculate(self, job: _Job, proposer: speculative.Proposer | None = None) -> None:
+        """One request through models.speculative with the prompt-lookup or draft proposer (or `proposer`)."""
         req, eos = job.request, self.tokenizer.eos_token_id
-        if job.speculation == "draft":
-            proposer: speculative.Proposer = speculative.DraftModel(self.draft, self.draft_tokens)
-        else:
+        stats = self.spec_stats if proposer is None else speculative.Stats()
+        if proposer is None and job.speculation == "draft":
+            proposer = speculative.DraftModel(self.draft, self.draft_tokens)
+        elif proposer is None:
             proposer = speculative.PromptLookup(self.prompt_lookup_tokens)
         pick = speculative.greedy if req.temperature == 0 else speculative.sampler(req.temperature, req.top_p)
         if req.ignore_eos and eos is not None:
             pick = _without(eos, pick)
         speculative.generate(self.model, job.ids[0].tolist(), proposer, pick,
-                             lambda new: job.advance(new, eos, self._decode), req.max_tokens, self.spec_stats)
+                             lambda new: job.advance(new, eos, self._decode), req.max_tokens, stats)
 
     # --- adapters ---------------------------------------------------------------
 
