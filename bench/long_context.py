@@ -4,10 +4,10 @@ models fitted to them, and how often the router, using those models, picks the f
 Each backend runs as the config sets it up (its engine, as deployments/lm.py builds it), one request at a time,
 greedy with ignore_eos, on held-out stdlib source (text neither model trained on).
 
-1. Calibration, at every context C in --contexts: a streamed request of 64 new tokens after a
-   prompt of C - 65 tokens; prefill seconds are the time to its first piece, decode ms per token
-   the time from the first piece to the last over 63, so decode is measured at contexts C - 64 .. C.
-   Medians of --repeats runs. The fits: prefill a
+1. Calibration, at every context C in --contexts: a streamed request of 128 new tokens after a
+   prompt of C - 129 tokens; prefill seconds are the time to its first piece, decode ms per token
+   the time from the first piece to the last over 127, so decode is measured at contexts
+   C - 128 .. C. Medians of --repeats (5) rounds, each round through every context. The fits: prefill a
    quadratic in the prompt length, decode a line in the context (least squares with coefficients
    kept >= 0, scipy's nnls).
 2. Router check, on a grid of contexts x new tokens N (--new), the prompt being the context less
@@ -51,7 +51,7 @@ from training.defaults import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("mamba", "transformer")
-DECODE = 64  # tokens decoded per calibration point
+DECODE = 128  # tokens decoded per calibration point
 CONFIGS = (ROOT / "serve_config.yaml", ROOT / "k8s" / "rayservice-cpu.yaml")
 
 
@@ -88,15 +88,19 @@ async def streamed(engine: Engine, prompt: str, new: int) -> tuple[float, float,
 
 
 async def calibrate(name: str, engine: Engine, texts: dict[int, str], repeats: int) -> dict[str, list[float]]:
-    prefill, decode, lengths = [], [], []
-    for context, text in texts.items():
-        await streamed(engine, text, 2)  # warm-up at this length
-        runs = [await streamed(engine, text, DECODE) for _ in range(repeats)]
-        prefill.append(statistics.median(r[0] for r in runs))
-        decode.append(statistics.median(r[1] for r in runs))
-        lengths.append(runs[0][2])
-        print(f"  {name} context {context}: prompt {lengths[-1]} tokens, prefill "
-              f"{prefill[-1]:.3f} s, decode {decode[-1]:.2f} ms/token", flush=True)
+    """Medians over `repeats` rounds, each round going through every context once (interleaved, so a
+    noisy moment of this shared machine spreads over the contexts instead of landing on one)."""
+    for text in texts.values():
+        await streamed(engine, text, 2)  # warm-up at every length
+    runs = {c: [] for c in texts}
+    for _ in range(repeats):
+        for context, text in texts.items():
+            runs[context].append(await streamed(engine, text, DECODE))
+    prefill = [statistics.median(r[0] for r in runs[c]) for c in texts]
+    decode = [statistics.median(r[1] for r in runs[c]) for c in texts]
+    lengths = [runs[c][0][2] for c in texts]
+    for context, p, d, n in zip(texts, prefill, decode, lengths):
+        print(f"  {name} context {context}: prompt {n} tokens, prefill {p:.3f} s, decode {d:.2f} ms/token", flush=True)
     return {"prompt_tokens": lengths, "prefill_s": prefill, "decode_ms": decode}
 
 
@@ -198,7 +202,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--new", type=int, nargs="+", default=[16, 128, 384])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--config", type=Path, default=CONFIGS[0], help="serve config to read (and --write)")
     parser.add_argument("--write", action="store_true", help="store the fitted cost models in the config (and in "
                         "the k8s manifest when it is serve_config.yaml)")
