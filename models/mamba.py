@@ -100,14 +100,14 @@ def _mixer(m: torch.nn.Module, hidden: torch.Tensor, conv0: torch.Tensor, h0: to
     A = -torch.exp(m.A_log.float())  # (inner, N)
     decay = torch.exp(dt[..., None] * A)  # (batch, T, inner, N)
     push = (dt * x.float())[..., None] * B.float()[:, :, None, :]
-    h, ys, states = h0, [], []
-    for a, u, c in zip(decay.unbind(1), push.unbind(1), C.float().unbind(1)):
-        h = a * h + u
-        ys.append((h @ c.unsqueeze(-1)).squeeze(-1))
-        if keep:
-            states.append(h)
-    y = (torch.stack(ys, dim=1) + x.float() * m.D.float()) * F.silu(z.transpose(1, 2).float())
-    return m.out_proj(y.to(hidden.dtype)), xin, (torch.stack(states, dim=1) if keep else h)
+    h, states = h0, []
+    for a, u in zip(decay.unbind(1), push.unbind(1)):  # one op a step: the step's Python cost is the scan's
+        h = torch.addcmul(u, a, h)
+        states.append(h)
+    hs = torch.stack(states, dim=1)  # (batch, T, inner, N)
+    y = torch.einsum("btdn,btn->btd", hs, C.float())
+    y = (y + x.float() * m.D.float()) * F.silu(z.transpose(1, 2).float())
+    return m.out_proj(y.to(hidden.dtype)), xin, (hs if keep else h)
 
 
 def forward(model: torch.nn.Module, ids: torch.Tensor, state: State | None = None, keep: bool = False,
