@@ -1,0 +1,190 @@
+"""Train the Tiny Recursive Model on sudoku with deep supervision and a learned halting head.
+
+Each training step is one supervision step (the paper's scheme): the batch's samples carry their
+(y, z) from the step before; the step's loss is cross-entropy of the answer on every cell plus
+binary cross-entropy of the halting logit q against "the current answer is entirely right"; a
+sample whose q says halt, or that has had `max_steps` steps, is replaced by a fresh puzzle. Base
+puzzles (training/sudoku_data.py) are augmented on the fly by sudoku's symmetries. An EMA of the
+weights is what gets evaluated and saved.
+
+    python -m training.trm --task sudoku --config training/configs/trm_sudoku_cpu.yaml
+
+Writes the EMA model (TRM.save_pretrained: config.json, model.safetensors), checkpoints of the
+training state every `checkpoint_every` steps, and training.json with the held-out evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import random
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+
+from models import sudoku
+from models.trm import TRM, Carry, TRMConfig
+from training import sudoku_data
+
+logger = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: Literal["sudoku"] = "sudoku"
+    model: dict[str, Any] = Field(default_factory=dict, description="TRMConfig fields.")
+    train_puzzles: int = Field(2000, gt=0, description="Base puzzles, augmented on the fly.")
+    train_givens: list[int] = Field(default_factory=lambda: list(range(30, 46)), min_length=1)
+    test_givens: list[int] = Field(default_factory=lambda: [24, 28, 32, 36, 40, 45], min_length=1)
+    test_per_givens: int = Field(100, gt=0)
+    steps: int = Field(3000, gt=0, description="Optimizer steps, one supervision step each.")
+    batch: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup: int = Field(100, ge=0)
+    ema: float = Field(0.999, ge=0, lt=1)
+    checkpoint_every: int = Field(500, gt=0)
+    out: str = "models/embedded/tiny-trm"
+    seed: int = 0
+
+
+class Stream:
+    """Fresh augmented training samples, forever."""
+
+    def __init__(self, base: list[tuple[sudoku.Grid, sudoku.Grid]], seed: int):
+        self.base, self.rng = base, random.Random(seed)
+
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [sudoku_data.augment(*self.rng.choice(self.base), self.rng) for _ in range(n)]
+        return sudoku.encode([p for p, _ in pairs]), sudoku.encode([s for _, s in pairs])
+
+
+def test_set(cfg: TrainConfig, exclude: set) -> list[tuple[sudoku.Grid, sudoku.Grid]]:
+    """`test_per_givens` puzzles at each of `test_givens`, from another seed, none in `exclude`."""
+    out = []
+    for i, g in enumerate(cfg.test_givens):
+        out += sudoku_data.generate(cfg.test_per_givens, [g], seed=10_000 + 1000 * cfg.seed + i, exclude=exclude)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: TRM, pairs: list[tuple[sudoku.Grid, sudoku.Grid]], max_steps: int | None = None,
+             halt_threshold: float | None = None, batch: int = 256) -> dict[str, Any]:
+    """Solve rate and cell accuracy (blank cells) by number of givens, and mean steps used."""
+    by: dict[int, list[float]] = {}
+    steps = []
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        out = model.refine(sudoku.encode([p for p, _ in chunk]), max_steps, halt_threshold)
+        for (puzzle, solution), grid, s in zip(chunk, sudoku.decode(out.tokens), out.steps.tolist()):
+            grid = sudoku.fill_givens(puzzle, grid)
+            blanks = [(r, c) for r in range(9) for c in range(9) if not puzzle[r][c]]
+            cells = sum(grid[r][c] == solution[r][c] for r, c in blanks) / len(blanks)
+            givens = 81 - len(blanks)
+            by.setdefault(givens, [0, 0, 0.0])
+            by[givens][0] += 1
+            by[givens][1] += sudoku.is_solution(puzzle, grid)
+            by[givens][2] += cells
+            steps.append(s)
+    curve = {g: {"n": n, "solve_rate": round(solved / n, 4), "cell_accuracy": round(cells / n, 4)}
+             for g, (n, solved, cells) in sorted(by.items())}
+    total = sum(v[0] for v in by.values())
+    return {"curve": curve, "solve_rate": round(sum(v[1] for v in by.values()) / total, 4),
+            "mean_steps": round(sum(steps) / len(steps), 3)}
+
+
+def train(cfg: TrainConfig, command: str) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    start = time.perf_counter()
+    base = sudoku_data.generate(cfg.train_puzzles, cfg.train_givens, seed=cfg.seed)
+    held = test_set(cfg, {sudoku_data.key(p) for p, _ in base})
+    logger.info("%d base train puzzles, %d held-out puzzles (%.1f s)", len(base), len(held), time.perf_counter() - start)
+
+    model = TRM(TRMConfig(**cfg.model))
+    ema = copy.deepcopy(model).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    stream = Stream(base, cfg.seed)
+    x, y = stream.take(cfg.batch)
+    carry, age = model.initial_carry(cfg.batch), torch.zeros(cfg.batch, dtype=torch.long)
+    out_dir = REPO / cfg.out if not Path(cfg.out).is_absolute() else Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recent: list[tuple[float, float, float]] = []
+    bar = tqdm(range(cfg.steps), desc=f"trm {cfg.task}", file=sys.stderr)
+    train_start = time.perf_counter()
+    for step in bar:
+        model.train()
+        out = model(carry, x)
+        correct = (out.logits.argmax(-1) == y).all(dim=1)
+        loss_y = F.cross_entropy(out.logits.flatten(0, 1), y.flatten())
+        loss_q = F.binary_cross_entropy_with_logits(out.q, correct.float())
+        opt.zero_grad(set_to_none=True)
+        (loss_y + 0.5 * loss_q).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - cfg.ema)
+        # samples that halt (or ran out of steps) make room for fresh puzzles
+        age += 1
+        done = (out.q.detach() > 0) | (age >= model.config.max_steps)
+        carry = out.carry
+        if done.any():
+            n = int(done.sum())
+            x[done], y[done] = stream.take(n)
+            fresh = model.initial_carry(n)
+            carry = Carry(carry.y.clone(), carry.z.clone())
+            carry.y[done], carry.z[done] = fresh.y, fresh.z
+            age[done] = 0
+        recent = (recent + [(loss_y.item(), loss_q.item(), correct.float().mean().item())])[-50:]
+        bar.set_postfix(loss=f"{sum(r[0] for r in recent) / len(recent):.3f}",
+                        exact=f"{sum(r[2] for r in recent) / len(recent):.2f}")
+        if (step + 1) % cfg.checkpoint_every == 0:
+            torch.save({"step": step + 1, "model": model.state_dict(), "ema": ema.state_dict(),
+                        "opt": opt.state_dict()}, out_dir / "checkpoint.pt")
+    seconds = time.perf_counter() - train_start
+
+    ema.save_pretrained(out_dir)
+    (out_dir / "checkpoint.pt").unlink(missing_ok=True)  # the run finished: the EMA model is the artefact
+    full = evaluate(ema, held, halt_threshold=1.0)  # every step, no halting
+    halted = evaluate(ema, held)
+    report = {
+        "task": cfg.task, "config": cfg.model_dump(), "model": asdict(ema.config), "parameters": ema.num_parameters(),
+        "train_seconds": round(seconds, 1), "steps": cfg.steps, "final_train_loss": round(recent[-1][0], 4),
+        "heldout": {"all_steps": full, "halting": halted}, "torch": torch.__version__, "command": command,
+    }
+    (out_dir / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    logger.info("%s", json.dumps(report))
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=["sudoku"], default="sudoku")
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--steps", type=int, help="override the config's steps")
+    parser.add_argument("--out", help="override the config's out")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = TrainConfig.model_validate({**yaml.safe_load(args.config.read_text()), "task": args.task})
+    cfg = cfg.model_copy(update={k: v for k, v in (("steps", args.steps), ("out", args.out)) if v is not None})
+    command = "python -m training.trm " + shlex.join(argv if argv is not None else sys.argv[1:])
+    return train(cfg, command)
+
+
+if __name__ == "__main__":
+    main()
