@@ -74,6 +74,8 @@ class TRMBackend(BackendBase):
     max_steps: int = Field(16, gt=0, description="Default supervision steps when a request names none.")
     max_steps_limit: int = Field(64, gt=0, description="Largest max_steps a request may ask for.")
     halt_threshold: float = Field(0.5, gt=0, le=1, description="Default halting probability to stop a sample.")
+    max_batch_size: int = Field(16, gt=0, description="Requests refined together in one batch (serve.batch).")
+    batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill.")
 
     @model_validator(mode="after")
     def _steps(self) -> TRMBackend:

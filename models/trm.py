@@ -59,6 +59,18 @@ class TRMConfig:
         _check_threshold(self.halt_threshold, "TRMConfig.halt_threshold")
 
 
+def _per_sample(value: int | float | torch.Tensor, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number or a tensor, got {value!r}")
+    if isinstance(value, torch.Tensor):
+        if value.shape != (batch,):
+            raise ValueError(f"per-sample limits must have shape ({batch},), got {tuple(value.shape)}")
+        return value.to(device=device, dtype=dtype)
+    if dtype == torch.long and not isinstance(value, int):
+        raise ValueError(f"max_steps must be a positive integer, got {value!r}")
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
 def _check_threshold(value: float, name: str) -> None:
     if not 0 < value <= 1:
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
@@ -203,29 +215,32 @@ class TRM(nn.Module):
         return StepOutput(Carry(y.detach(), z.detach()), self.head(y), q)
 
     @torch.inference_mode()
-    def refine(self, tokens: torch.Tensor, max_steps: int | None = None,
-               halt_threshold: float | None = None) -> RefineOutput:
+    def refine(self, tokens: torch.Tensor, max_steps: int | torch.Tensor | None = None,
+               halt_threshold: float | torch.Tensor | None = None) -> RefineOutput:
         """Run up to `max_steps` supervision steps; each sample stops, its answer frozen, at the
-        first step where sigmoid(q) >= `halt_threshold`. Later steps compute only running rows."""
+        first step where sigmoid(q) >= `halt_threshold`. Later steps compute only running rows.
+        Both limits may be per sample: (B,) tensors, so one batch serves requests that differ."""
         cfg = self.config
-        max_steps = cfg.max_steps if max_steps is None else max_steps
-        threshold = cfg.halt_threshold if halt_threshold is None else halt_threshold
         if tokens.dim() != 2 or tokens.shape[1] != cfg.seq_len:
             raise ValueError(f"tokens must be (batch, {cfg.seq_len}), got {tuple(tokens.shape)}")
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
-        _check_threshold(threshold, "halt_threshold")
-        B = tokens.shape[0]
+        B, device = tokens.shape[0], tokens.device
+        limit = _per_sample(cfg.max_steps if max_steps is None else max_steps, B, torch.long, device)
+        threshold = _per_sample(cfg.halt_threshold if halt_threshold is None else halt_threshold, B,
+                                torch.float32, device)
+        if (limit < 1).any():
+            raise ValueError(f"max_steps must be a positive integer for every sample, got {limit.tolist()}")
+        if ((threshold <= 0) | (threshold > 1)).any():
+            raise ValueError(f"halt_threshold must be in (0, 1], got {threshold.tolist()}")
         answer = torch.zeros_like(tokens)
-        steps = torch.zeros(B, dtype=torch.long, device=tokens.device)
-        confidence = torch.zeros(B, device=tokens.device)
-        rows = torch.arange(B, device=tokens.device)  # samples still running
+        steps = torch.zeros(B, dtype=torch.long, device=device)
+        confidence = torch.zeros(B, device=device)
+        rows = torch.arange(B, device=device)  # samples still running
         carry = self.initial_carry(B)
-        for step in range(1, max_steps + 1):
+        for step in range(1, int(limit.max()) + 1):
             out = self(carry, tokens[rows])
             p = torch.sigmoid(out.q).float()
             answer[rows], steps[rows], confidence[rows] = out.logits.argmax(-1), step, p
-            go = p < threshold
+            go = (p < threshold[rows]) & (step < limit[rows])
             if not go.any():
                 break
             rows, carry = rows[go], Carry(out.carry.y[go], out.carry.z[go])

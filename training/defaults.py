@@ -1,7 +1,7 @@
 """The embedded default models: tiny, made by this project's code, no download.
 
-The transformer, its draft, the Mamba and their adapters are trained (training/lm.py,
-training/lora.py) and committed under models/embedded with a training.json saying how. The others are seeded builds:
+The transformer, its draft, the Mamba, their adapters and the TRM are trained (training/lm.py,
+training/lora.py, training/trm.py) and committed under models/embedded with a training.json saying how. The others are seeded builds:
 a config names one as `embedded:NAME`; `resolve_model` builds it on first use into
 SWITCHYARD_CACHE (atomic rename under a file lock, so replicas starting together build it
 once) and returns a local path that the ordinary `from_pretrained` loaders read, the same
@@ -65,16 +65,6 @@ def build_tokenizer(out: Path, vocab_size: int = 4096, files: int = 200) -> None
     ).save_pretrained(out)
 
 
-def build_trm(out: Path) -> None:
-    """TRM for 9x9 sudoku with the default TRMConfig, seeded weights (trained in a later issue)."""
-    import torch
-
-    from models.trm import TRM, TRMConfig
-
-    torch.manual_seed(SEED)
-    TRM(TRMConfig()).save_pretrained(out)
-
-
 def build_dinov2(out: Path) -> None:
     """Tiny DINOv2 backbone plus a logistic-regression head fitted on scikit-learn's digits."""
     from training.classifier_default import build
@@ -83,7 +73,6 @@ def build_dinov2(out: Path) -> None:
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
-    "tiny-trm": build_trm,
     "tiny-dinov2": build_dinov2,
 }
 

@@ -8,9 +8,11 @@ puzzles (training/sudoku_data.py) are augmented on the fly by sudoku's symmetrie
 weights is what gets evaluated and saved.
 
     python -m training.trm --task sudoku --config training/configs/trm_sudoku_cpu.yaml
+    python -m training.trm --calibrate models/embedded/tiny-trm   # only the halting threshold again
 
 Writes the EMA model (TRM.save_pretrained: config.json, model.safetensors), checkpoints of the
 training state every `checkpoint_every` steps, and training.json with the held-out evaluation.
+Then calibrates the halting threshold on validation puzzles (`calibrate`).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(500, gt=0)
     out: str = "models/embedded/tiny-trm"
     seed: int = 0
+    device: str = Field("cpu", description="torch device: cpu, cuda.")
 
 
 class Stream:
@@ -67,17 +70,48 @@ class Stream:
     def __init__(self, base: list[tuple[sudoku.Grid, sudoku.Grid]], seed: int):
         self.base, self.rng = base, random.Random(seed)
 
-    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self, n: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [sudoku_data.augment(*self.rng.choice(self.base), self.rng) for _ in range(n)]
-        return sudoku.encode([p for p, _ in pairs]), sudoku.encode([s for _, s in pairs])
+        return sudoku.encode([p for p, _ in pairs]).to(device), sudoku.encode([s for _, s in pairs]).to(device)
 
 
-def test_set(cfg: TrainConfig, exclude: set) -> list[tuple[sudoku.Grid, sudoku.Grid]]:
-    """`test_per_givens` puzzles at each of `test_givens`, from another seed, none in `exclude`."""
+def test_set(cfg: TrainConfig, exclude: set, offset: int = 10_000) -> list[tuple[sudoku.Grid, sudoku.Grid]]:
+    """`test_per_givens` puzzles at each of `test_givens`, from another seed, none in `exclude`
+    (the validation set for calibration uses another offset)."""
     out = []
     for i, g in enumerate(cfg.test_givens):
-        out += sudoku_data.generate(cfg.test_per_givens, [g], seed=10_000 + 1000 * cfg.seed + i, exclude=exclude)
+        out += sudoku_data.generate(cfg.test_per_givens, [g], seed=offset + 1000 * cfg.seed + i, exclude=exclude)
     return out
+
+
+THRESHOLDS = (0.5, 0.9, 0.99, 0.999)
+
+
+def calibrate(out_dir: Path, max_loss: float = 0.005, command: str = "") -> dict[str, Any]:
+    """Picks the halting threshold: the lowest of THRESHOLDS whose solve rate on validation puzzles
+    (neither train nor test) is within `max_loss` of running every step; writes it into the model's
+    config.json and the held-out figures at it into training.json."""
+    report = json.loads((out_dir / "training.json").read_text())
+    cfg = TrainConfig.model_validate(report["config"])
+    model = TRM.from_pretrained(out_dir)
+    base = {sudoku_data.key(p) for p, _ in sudoku_data.generate(cfg.train_puzzles, cfg.train_givens, seed=cfg.seed)}
+    held = test_set(cfg, base)
+    validation = test_set(cfg, base | {sudoku_data.key(p) for p, _ in held}, offset=20_000)
+    full = evaluate(model, validation, halt_threshold=1.0)["solve_rate"]
+    tried = {}
+    for threshold in THRESHOLDS:
+        tried[threshold] = evaluate(model, validation, halt_threshold=threshold)
+        if full - tried[threshold]["solve_rate"] <= max_loss:
+            break
+    config = json.loads((out_dir / "config.json").read_text()) | {"halt_threshold": threshold}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    report["calibration"] = {"validation_solve_rate_all_steps": full, "max_loss": max_loss, "chosen": threshold,
+                             "tried": {str(t): {"solve_rate": r["solve_rate"], "mean_steps": r["mean_steps"]}
+                                       for t, r in tried.items()}, "command": command}
+    report["heldout"]["halting"] = evaluate(TRM.from_pretrained(out_dir), held)
+    (out_dir / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    logger.info("halting threshold %s: %s", threshold, json.dumps(report["calibration"]))
+    return report
 
 
 @torch.no_grad()
@@ -88,7 +122,8 @@ def evaluate(model: TRM, pairs: list[tuple[sudoku.Grid, sudoku.Grid]], max_steps
     steps = []
     for i in range(0, len(pairs), batch):
         chunk = pairs[i:i + batch]
-        out = model.refine(sudoku.encode([p for p, _ in chunk]), max_steps, halt_threshold)
+        device = next(model.parameters()).device
+        out = model.refine(sudoku.encode([p for p, _ in chunk]).to(device), max_steps, halt_threshold)
         for (puzzle, solution), grid, s in zip(chunk, sudoku.decode(out.tokens), out.steps.tolist()):
             grid = sudoku.fill_givens(puzzle, grid)
             blanks = [(r, c) for r in range(9) for c in range(9) if not puzzle[r][c]]
@@ -113,13 +148,13 @@ def train(cfg: TrainConfig, command: str) -> dict[str, Any]:
     held = test_set(cfg, {sudoku_data.key(p) for p, _ in base})
     logger.info("%d base train puzzles, %d held-out puzzles (%.1f s)", len(base), len(held), time.perf_counter() - start)
 
-    model = TRM(TRMConfig(**cfg.model))
+    model = TRM(TRMConfig(**cfg.model)).to(cfg.device)
     ema = copy.deepcopy(model).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     stream = Stream(base, cfg.seed)
-    x, y = stream.take(cfg.batch)
-    carry, age = model.initial_carry(cfg.batch), torch.zeros(cfg.batch, dtype=torch.long)
+    x, y = stream.take(cfg.batch, cfg.device)
+    carry, age = model.initial_carry(cfg.batch), torch.zeros(cfg.batch, dtype=torch.long, device=cfg.device)
     out_dir = REPO / cfg.out if not Path(cfg.out).is_absolute() else Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     recent: list[tuple[float, float, float]] = []
@@ -145,7 +180,7 @@ def train(cfg: TrainConfig, command: str) -> dict[str, Any]:
         carry = out.carry
         if done.any():
             n = int(done.sum())
-            x[done], y[done] = stream.take(n)
+            x[done], y[done] = stream.take(n, cfg.device)
             fresh = model.initial_carry(n)
             carry = Carry(carry.y.clone(), carry.z.clone())
             carry.y[done], carry.z[done] = fresh.y, fresh.z
@@ -175,15 +210,22 @@ def train(cfg: TrainConfig, command: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=["sudoku"], default="sudoku")
-    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--config", type=Path, help="train with this config")
+    parser.add_argument("--calibrate", type=Path, metavar="DIR",
+                        help="pick the halting threshold of the model trained into DIR (after training)")
     parser.add_argument("--steps", type=int, help="override the config's steps")
     parser.add_argument("--out", help="override the config's out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    command = "python -m training.trm " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.calibrate is not None:
+        return calibrate(args.calibrate, command=command)
+    if args.config is None:
+        parser.error("--config or --calibrate is required")
     cfg = TrainConfig.model_validate({**yaml.safe_load(args.config.read_text()), "task": args.task})
     cfg = cfg.model_copy(update={k: v for k, v in (("steps", args.steps), ("out", args.out)) if v is not None})
-    command = "python -m training.trm " + shlex.join(argv if argv is not None else sys.argv[1:])
-    return train(cfg, command)
+    train(cfg, command)
+    return calibrate(Path(cfg.out) if Path(cfg.out).is_absolute() else REPO / cfg.out, command=command)
 
 
 if __name__ == "__main__":

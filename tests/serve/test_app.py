@@ -238,6 +238,24 @@ def test_route_explains_without_running(client):
     assert completion["backend"] == min(completion["predicted_s"], key=completion["predicted_s"].get)
 
 
+def test_concurrent_refines_share_batches_with_their_own_limits(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def batches() -> int:
+        data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        return data["trm"]["switchyard"]["batches"]
+
+    limits = [1, 2, 3, 4, 1, 2, 3, 4]
+    before = batches()
+    with ThreadPoolExecutor(len(limits)) as pool:
+        results = list(pool.map(lambda s: client.post("/v1/refine", json={"task": "sudoku", "grid": SUDOKU,
+                                                                         "max_steps": s}), limits))
+    assert all(r.status_code == 200 for r in results), [r.text for r in results]
+    for r, s in zip(results, limits):
+        assert r.json()["max_steps"] == s and 1 <= r.json()["steps"] <= s
+    assert batches() - before < len(limits)  # some of them were refined together
+
+
 def test_refine_sudoku_goes_to_trm(client):
     r = client.post("/v1/refine", json={"task": "sudoku", "grid": SUDOKU, "max_steps": 4})
     assert r.status_code == 200, r.text

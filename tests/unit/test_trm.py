@@ -248,3 +248,20 @@ def test_fill_givens():
     assert all(filled[r][c] == (PUZZLE[r][c] or 1) for r in range(9) for c in range(9))
     assert wrong == [[1] * 9 for _ in range(9)]  # inputs are not mutated
     assert sudoku.fill_givens(PUZZLE, SOLVED) == SOLVED
+
+
+def test_per_sample_limits_in_one_batch_equal_each_sample_alone():
+    """A batch of requests with their own max_steps and halt_threshold: each row is what it would be
+    alone, and a halted row stops changing while the others go on."""
+    model = tiny()
+    with torch.no_grad():
+        model.q_head.bias.fill_(0.0)  # sigmoid(q) near 0.5: the thresholds below decide
+    x = puzzles(3)
+    limits, thresholds = torch.tensor([1, 4, 2]), torch.tensor([1.0, 1.0, 1e-6])
+    together = model.refine(x, limits, thresholds)
+    alone = [model.refine(x[i:i + 1], int(limits[i]), float(thresholds[i])) for i in range(3)]
+    assert together.steps.tolist() == [1, 4, 1]  # max_steps 1; all 4; halts at the first step
+    for i, out in enumerate(alone):
+        assert torch.equal(together.tokens[i], out.tokens[0]) and int(out.steps[0]) == together.steps.tolist()[i]
+    with pytest.raises(ValueError, match="shape"):
+        model.refine(x, torch.tensor([1, 2]))

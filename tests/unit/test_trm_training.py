@@ -1,0 +1,72 @@
+"""training/sudoku_data.py and training/trm.py: puzzles are unique-solution and as hard as asked,
+splits do not overlap, augmentation keeps a puzzle and its solution, a short training run writes a
+loadable model with its evaluation, and the committed default's reported figures hold."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from models import sudoku
+from models.trm import TRM
+from training import sudoku_data, trm
+from training.defaults import TRAINED_DIR
+
+
+@pytest.mark.parametrize("givens", [24, 36, 45])
+def test_puzzles_have_the_givens_asked_and_one_solution(givens):
+    for puzzle, solution in sudoku_data.generate(5, [givens], seed=givens):
+        cells = [v for row in puzzle for v in row]
+        assert sum(v > 0 for v in cells) == givens
+        assert sudoku_data.count_solutions(cells) == 1
+        assert sudoku.is_solution(puzzle, solution)
+
+
+def test_solution_counter():
+    empty = [0] * 81
+    assert sudoku_data.count_solutions(empty, limit=2) == 2
+    grid = [v for row in sudoku_data.solution_grid(random.Random(0)) for v in row]
+    assert sudoku_data.count_solutions(grid) == 1
+    bad = list(grid)
+    bad[1] = bad[0]  # two equal digits in a row
+    assert sudoku_data.count_solutions(bad) == 0
+
+
+def test_augmentation_keeps_puzzle_and_solution_together():
+    rng = random.Random(1)
+    for puzzle, solution in sudoku_data.generate(5, [30], seed=3):
+        p, s = sudoku_data.augment(puzzle, solution, rng)
+        assert sudoku.is_solution(p, s) and sum(v > 0 for r in p for v in r) == 30
+
+
+def test_generation_is_seeded_and_excludes():
+    a = sudoku_data.generate(4, [40], seed=5)
+    assert a == sudoku_data.generate(4, [40], seed=5)
+    b = sudoku_data.generate(4, [40], seed=5, exclude={sudoku_data.key(p) for p, _ in a})
+    assert not {sudoku_data.key(p) for p, _ in a} & {sudoku_data.key(p) for p, _ in b}
+
+
+def test_short_training_run_writes_a_loadable_model_and_its_evaluation(tmp_path):
+    cfg = trm.TrainConfig(model={"hidden_size": 16, "num_layers": 1, "n_latent": 1, "t_outer": 1, "max_steps": 2},
+                          train_puzzles=8, train_givens=[40], test_givens=[45], test_per_givens=4, steps=3,
+                          batch=4, checkpoint_every=2, out=str(tmp_path))
+    report = trm.train(cfg, "test")
+    model = TRM.from_pretrained(tmp_path)
+    assert model.config.hidden_size == 16 and not (tmp_path / "checkpoint.pt").exists()
+    saved = json.loads((tmp_path / "training.json").read_text())
+    assert saved["heldout"]["all_steps"]["curve"]["45"]["n"] == 4 == report["heldout"]["halting"]["curve"][45]["n"]
+    assert 1 <= saved["heldout"]["halting"]["mean_steps"] <= 2
+
+
+def test_config_is_strict():
+    with pytest.raises(ValueError):
+        trm.TrainConfig.model_validate({"stepz": 3})
+
+
+def test_committed_default_is_the_trained_one():
+    report = json.loads((TRAINED_DIR / "tiny-trm" / "training.json").read_text())
+    model = TRM.from_pretrained(TRAINED_DIR / "tiny-trm")
+    assert report["parameters"] == model.num_parameters()
+    assert report["command"].startswith("python -m training.trm")
