@@ -240,7 +240,9 @@ class TRM(nn.Module):
             out = self(carry, tokens[rows])
             p = torch.sigmoid(out.q).float()
             answer[rows], steps[rows], confidence[rows] = out.logits.argmax(-1), step, p
-            go = (p < threshold[rows]) & (step < limit[rows])
+            # compared as logits: sigmoid rounds to exactly 1.0 for q above ~17, and threshold 1.0
+            # (logit +inf) must mean "never halt"
+            go = (out.q.float() < torch.logit(threshold[rows].double()).float()) & (step < limit[rows])
             if not go.any():
                 break
             rows, carry = rows[go], Carry(out.carry.y[go], out.carry.z[go])

@@ -1,12 +1,10 @@
 """Seeded 9x9 sudoku puzzles with a unique solution, at a chosen number of givens.
 
-A solution grid comes from a valid base pattern shuffled by sudoku's symmetries (digit relabelling,
-rows within a band, bands, columns within a stack, stacks, transposition), which keep a grid valid.
-Cells are then emptied in a random order, each only if the puzzle keeps exactly one solution
+A solution grid is a random backtracking fill (seeded). Cells are then emptied in a random order, each only if the puzzle keeps exactly one solution
 (`count_solutions`, a bitmask backtracking search that stops at two), until `givens` remain; a
-puzzle that cannot get that low restarts from a new grid. The same symmetries augment training
-puzzles on the fly (`augment`): a puzzle and its solution transformed alike stay a puzzle and its
-unique solution.
+puzzle that cannot get that low restarts from a new grid. Sudoku's symmetries (digit relabelling, rows
+within a band, bands, columns within a stack, stacks, transposition) augment training puzzles on the
+fly (`augment`): a puzzle and its solution transformed alike stay a puzzle and its unique solution.
 
 Splits do not overlap: train and test draw from different seeds, and `generate` skips any puzzle
 already in `exclude`.
@@ -86,8 +84,28 @@ def _apply(grid: Grid, sym: tuple[list[int], list[int], list[int], bool]) -> Gri
 
 
 def solution_grid(rng: random.Random) -> Grid:
-    base = [[(3 * (r % 3) + r // 3 + c) % 9 + 1 for c in range(9)] for r in range(9)]
-    return _apply(base, _symmetry(rng))
+    """A random complete grid: backtracking fill, cells in order, digits in a random order each time
+    (a shuffled fixed pattern would make every grid a relabelling of one)."""
+    cells, used = [0] * 81, [0] * 81
+
+    def fill(i: int) -> bool:
+        if i == 81:
+            return True
+        for v in rng.sample(range(1, 10), 9):
+            if not used[i] & (1 << v):
+                saved = [used[p] for p in PEER_INDEX[i]]
+                cells[i] = v
+                for p in PEER_INDEX[i]:
+                    used[p] |= 1 << v
+                if fill(i + 1):
+                    return True
+                for p, u in zip(PEER_INDEX[i], saved):
+                    used[p] = u
+        cells[i] = 0
+        return False
+
+    fill(0)
+    return [cells[r * 9:r * 9 + 9] for r in range(9)]
 
 
 def make_puzzle(rng: random.Random, givens: int, tries: int = 20) -> tuple[Grid, Grid]:

@@ -98,14 +98,16 @@ def calibrate(out_dir: Path, max_loss: float = 0.005, command: str = "") -> dict
     held = test_set(cfg, base)
     validation = test_set(cfg, base | {sudoku_data.key(p) for p, _ in held}, offset=20_000)
     full = evaluate(model, validation, halt_threshold=1.0)["solve_rate"]
-    tried = {}
-    for threshold in THRESHOLDS:
-        tried[threshold] = evaluate(model, validation, halt_threshold=threshold)
-        if full - tried[threshold]["solve_rate"] <= max_loss:
+    tried, threshold = {}, 1.0  # 1.0: never halt, when no threshold keeps the solve rate
+    for t in THRESHOLDS:
+        tried[t] = evaluate(model, validation, halt_threshold=t)
+        if full - tried[t]["solve_rate"] <= max_loss:
+            threshold = t
             break
     config = json.loads((out_dir / "config.json").read_text()) | {"halt_threshold": threshold}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     report["calibration"] = {"validation_solve_rate_all_steps": full, "max_loss": max_loss, "chosen": threshold,
+                             "curve_at_chosen": (tried[threshold]["curve"] if threshold in tried else None),
                              "tried": {str(t): {"solve_rate": r["solve_rate"], "mean_steps": r["mean_steps"]}
                                        for t, r in tried.items()}, "command": command}
     report["heldout"]["halting"] = evaluate(TRM.from_pretrained(out_dir), held)
@@ -153,7 +155,7 @@ def train(cfg: TrainConfig, command: str) -> dict[str, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     stream = Stream(base, cfg.seed)
-    x, y = stream.take(cfg.batch, cfg.device)
+    x, y = stream.take(cfg.batch, cfg.device)  # checkpoints below are weight snapshots (model, EMA, optimizer)
     carry, age = model.initial_carry(cfg.batch), torch.zeros(cfg.batch, dtype=torch.long, device=cfg.device)
     out_dir = REPO / cfg.out if not Path(cfg.out).is_absolute() else Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,9 +173,10 @@ def train(cfg: TrainConfig, command: str) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
+        with torch.no_grad():  # the decay ramps up, so the EMA does not remember the random start
+            decay = min(cfg.ema, (1 + step) / (10 + step))
             for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - cfg.ema)
+                e.lerp_(p, 1 - decay)
         # samples that halt (or ran out of steps) make room for fresh puzzles
         age += 1
         done = (out.q.detach() > 0) | (age >= model.config.max_steps)
@@ -199,7 +202,8 @@ def train(cfg: TrainConfig, command: str) -> dict[str, Any]:
     halted = evaluate(ema, held)
     report = {
         "task": cfg.task, "config": cfg.model_dump(), "model": asdict(ema.config), "parameters": ema.num_parameters(),
-        "train_seconds": round(seconds, 1), "steps": cfg.steps, "final_train_loss": round(recent[-1][0], 4),
+        "train_seconds": round(seconds, 1), "steps": cfg.steps,
+        "final_train_loss": round(sum(r[0] for r in recent) / len(recent), 4),  # mean of the last 50 steps
         "heldout": {"all_steps": full, "halting": halted}, "torch": torch.__version__, "command": command,
     }
     (out_dir / "training.json").write_text(json.dumps(report, indent=2) + "\n")
