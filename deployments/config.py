@@ -81,6 +81,9 @@ class TRMBackend(BackendBase):
     def _steps(self) -> TRMBackend:
         if self.max_steps > self.max_steps_limit:
             raise ValueError(f"max_steps {self.max_steps} is above max_steps_limit {self.max_steps_limit}")
+        if self.deployment.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"deployment.max_ongoing_requests {self.deployment.max_ongoing_requests} is below "
+                             f"max_batch_size {self.max_batch_size}: batches could never fill")
         return self
 
 

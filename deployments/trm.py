@@ -33,8 +33,12 @@ class TRMServer:
     async def _refine(self, payload: dict[str, Any]) -> dict[str, Any]:
         max_steps = payload.get("max_steps") or self.cfg.max_steps
         threshold = payload.get("halt_threshold") or self.cfg.halt_threshold
-        if max_steps > self.cfg.max_steps_limit:
-            raise InvalidRequest(f"max_steps {max_steps} is above this backend's limit of {self.cfg.max_steps_limit}")
+        # checked before batching: a bad request fails alone, never the batch it would have joined
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or not 1 <= max_steps <= self.cfg.max_steps_limit:
+            raise InvalidRequest(f"max_steps must be an integer from 1 to this backend's limit of "
+                                 f"{self.cfg.max_steps_limit}, not {max_steps!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+            raise InvalidRequest(f"halt_threshold must be in (0, 1], not {threshold!r}")
         puzzle = payload["grid"]
         try:
             sudoku.check_grid(puzzle)

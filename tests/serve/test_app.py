@@ -256,6 +256,29 @@ def test_concurrent_refines_share_batches_with_their_own_limits(client):
     assert batches() - before < len(limits)  # some of them were refined together
 
 
+def test_a_bad_trm_request_fails_alone_beside_good_ones(server):
+    """Straight to the trm deployment (the router's own checks would stop these first): requests are
+    checked before they join a batch, so a bad one fails alone."""
+    import asyncio
+
+    from ray import serve
+
+    from deployments.protocol import Failure
+
+    handle = serve.get_deployment_handle("trm", app_name="switchyard")
+    payloads = [{"grid": SUDOKU, "max_steps": 2}, {"grid": SUDOKU, "max_steps": -1},
+                {"grid": SUDOKU, "halt_threshold": 1.5}, {"grid": [[0] * 9] * 8}, {"grid": SUDOKU, "max_steps": 3}]
+
+    async def go():
+        return await asyncio.gather(*(handle.refine.remote(p) for p in payloads))
+
+    good1, bad_steps, bad_threshold, bad_grid, good2 = asyncio.run(go())
+    for bad, text in ((bad_steps, "max_steps"), (bad_threshold, "halt_threshold"), (bad_grid, "9 rows")):
+        assert isinstance(bad, Failure) and bad.kind == "invalid" and text in bad.message, bad
+    assert good1["max_steps"] == 2 and 1 <= good1["steps"] <= 2
+    assert good2["max_steps"] == 3 and 1 <= good2["steps"] <= 3
+
+
 def test_refine_sudoku_goes_to_trm(client):
     r = client.post("/v1/refine", json={"task": "sudoku", "grid": SUDOKU, "max_steps": 4})
     assert r.status_code == 200, r.text

@@ -265,3 +265,11 @@ def test_per_sample_limits_in_one_batch_equal_each_sample_alone():
         assert torch.equal(together.tokens[i], out.tokens[0]) and int(out.steps[0]) == together.steps.tolist()[i]
     with pytest.raises(ValueError, match="shape"):
         model.refine(x, torch.tensor([1, 2]))
+
+
+def test_threshold_one_never_halts_even_when_sigmoid_rounds_to_one():
+    model = tiny()
+    with torch.no_grad():
+        model.q_head.bias.fill_(40.0)  # sigmoid(40.) is exactly 1.0 in float32
+    assert model.refine(puzzles(2), max_steps=3, halt_threshold=1.0).steps.tolist() == [3, 3]
+    assert model.refine(puzzles(2), max_steps=3, halt_threshold=0.999).steps.tolist() == [1, 1]

@@ -58,6 +58,7 @@ def test_short_training_run_writes_a_loadable_model_and_its_evaluation(tmp_path)
     saved = json.loads((tmp_path / "training.json").read_text())
     assert saved["heldout"]["all_steps"]["curve"]["45"]["n"] == 4 == report["heldout"]["halting"]["curve"][45]["n"]
     assert 1 <= saved["heldout"]["halting"]["mean_steps"] <= 2
+    assert saved["heldout"]["all_steps"]["mean_steps"] == 2  # threshold 1.0 never halts
 
 
 def test_config_is_strict():
@@ -65,8 +66,17 @@ def test_config_is_strict():
         trm.TrainConfig.model_validate({"stepz": 3})
 
 
-def test_committed_default_is_the_trained_one():
+def test_committed_default_reproduces_its_reported_figures():
+    """The 45-givens row of training.json's held-out evaluation, recomputed from the committed weights
+    on the same puzzles (test_set's seed for that row; no training puzzle collides with them)."""
     report = json.loads((TRAINED_DIR / "tiny-trm" / "training.json").read_text())
     model = TRM.from_pretrained(TRAINED_DIR / "tiny-trm")
     assert report["parameters"] == model.num_parameters()
     assert report["command"].startswith("python -m training.trm")
+    cfg = report["config"]
+    row = cfg["test_givens"].index(45)
+    held = sudoku_data.generate(cfg["test_per_givens"], [45], seed=10_000 + 1000 * cfg["seed"] + row)
+    got = trm.evaluate(model, held, halt_threshold=1.0)["curve"][45]
+    assert got == report["heldout"]["all_steps"]["curve"]["45"]
+    assert json.loads((TRAINED_DIR / "tiny-trm" / "config.json").read_text())["halt_threshold"] == \
+        report["calibration"]["chosen"]
