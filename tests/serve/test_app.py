@@ -268,11 +268,11 @@ def test_a_bad_trm_request_fails_alone_beside_good_ones(server):
     handle = serve.get_deployment_handle("trm", app_name="switchyard")
     payloads = [{"grid": SUDOKU, "max_steps": 2}, {"grid": SUDOKU, "max_steps": -1},
                 {"grid": SUDOKU, "halt_threshold": 1.5}, {"grid": [[0] * 9] * 8}, {"grid": SUDOKU, "max_steps": 3}]
-
     async def go():
         return await asyncio.gather(*(handle.refine.remote(p) for p in payloads))
 
-    good1, bad_steps, bad_threshold, bad_grid, good2 = asyncio.run(go())
+    # The handle stays bound to this loop (Serve caches it until shutdown): keep the loop, do not close it.
+    good1, bad_steps, bad_threshold, bad_grid, good2 = asyncio.new_event_loop().run_until_complete(go())
     for bad, text in ((bad_steps, "max_steps"), (bad_threshold, "halt_threshold"), (bad_grid, "9 rows")):
         assert isinstance(bad, Failure) and bad.kind == "invalid" and text in bad.message, bad
     assert good1["max_steps"] == 2 and 1 <= good1["steps"] <= 2
