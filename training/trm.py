@@ -10,8 +10,8 @@ weights is what gets evaluated and saved.
     python -m training.trm --task sudoku --config training/configs/trm_sudoku_cpu.yaml
     python -m training.trm --calibrate models/embedded/tiny-trm   # only the halting threshold again
 
-Writes the EMA model (TRM.save_pretrained: config.json, model.safetensors), checkpoints of the
-training state every `checkpoint_every` steps, and training.json with the held-out evaluation.
+Writes the EMA model (TRM.save_pretrained: config.json, model.safetensors), weight snapshots (model,
+EMA, optimizer; no resume) every `checkpoint_every` steps, and training.json with the held-out evaluation.
 Then calibrates the halting threshold on validation puzzles (`calibrate`).
 """
 
