@@ -60,26 +60,15 @@ async def run(n: int, tokens: int, backend: str = "transformer") -> dict:
     methods = ENGINE_METHODS + HF_METHODS if draft is not None else ("none", "prompt_lookup", "hf_generate")
 
     def hf(method: str, messages: list[dict[str, str]]) -> tuple[str, int]:
+        """transformers' own generate(): plain (hf_generate), prompt lookup or assisted by the draft."""
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                       return_dict=True)["input_ids"]
-        extra = ({"prompt_lookup_num_tokens": k_lookup} if method == "hf_prompt_lookup"
-                 else {"assistant_model": draft, "num_assistant_tokens": k_draft,
-                       "num_assistant_tokens_schedule": "constant"})
+        extra = {"hf_generate": {}, "hf_prompt_lookup": {"prompt_lookup_num_tokens": k_lookup},
+                 "hf_draft": {"assistant_model": draft, "num_assistant_tokens": k_draft,
+                              "num_assistant_tokens_schedule": "constant"}}[method]
         with torch.no_grad():
             out = model.generate(input_ids=ids, max_new_tokens=tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **extra)
-        new = out[0, ids.shape[1]:].tolist()
-        if new and new[-1] == tok.eos_token_id:
-            new = new[:-1]
-        return tok.decode(new, skip_special_tokens=True), len(new)
-
-    def hf_generate(messages: list[dict[str, str]]) -> tuple[str, int]:
-        """transformers' own greedy generate(), for comparison with the engine's plain path."""
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                      return_dict=True)["input_ids"]
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, max_new_tokens=tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         new = out[0, ids.shape[1]:].tolist()
         if new and new[-1] == tok.eos_token_id:
             new = new[:-1]
@@ -99,8 +88,6 @@ async def run(n: int, tokens: int, backend: str = "transformer") -> dict:
                 text, count = done.text, done.completion_tokens
                 accepted[method][0] += engine.spec_stats.accepted - before[0]
                 accepted[method][1] += engine.spec_stats.proposed - before[1]
-            elif method == "hf_generate":
-                text, count = hf_generate(messages)
             else:
                 text, count = hf(method, messages)
             seconds[method].append(time.perf_counter() - start)
