@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from routing.config import Task
 from routing.features import Document
@@ -108,11 +108,23 @@ Grid = Annotated[
 
 
 class RefineRequest(Body):
-    task: Literal["sudoku"] = "sudoku"
-    grid: Grid
+    task: Literal["sudoku", "code_repair"] = "sudoku"
+    grid: Grid | None = Field(None, description="sudoku: the puzzle.")
+    code: str | None = Field(None, min_length=1, max_length=65536, description=(
+        "code_repair: Python source with syntax errors. trm takes up to 64 lines of 47 tokens; "
+        "a language model takes what trm cannot, or repairs what trm's answer left unparseable."))
     model: str = Field("auto", min_length=1)
     max_steps: int | None = Field(None, ge=1, description="Supervision steps at most; the backend's default if unset.")
     halt_threshold: float | None = Field(None, gt=0, le=1, description="Halting probability that stops refinement.")
+
+    @model_validator(mode="after")
+    def _input(self) -> RefineRequest:
+        given, other = ("grid", "code") if self.task == "sudoku" else ("code", "grid")
+        if getattr(self, given) is None:
+            raise ValueError(f"task {self.task} needs `{given}`")
+        if getattr(self, other) is not None:
+            raise ValueError(f"task {self.task} takes `{given}`, not `{other}`")
+        return self
 
 
 class ClassifyRequest(Body):

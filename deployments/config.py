@@ -68,22 +68,28 @@ class LMBackend(BackendBase):
 
 
 class TRMBackend(BackendBase):
-    """The Tiny Recursive Model refining 9x9 sudoku grids."""
+    """The Tiny Recursive Model: `model` refines 9x9 sudoku grids, `code_repair_model` the code grid."""
 
     kind: Literal["trm"]
-    max_steps: int = Field(16, gt=0, description="Default supervision steps when a request names none.")
+    code_repair_model: str | None = Field(None, description="The code_repair TRM, like `model`; needed for "
+                                          "capability.tasks.code_repair.")
+    max_steps: int | None = Field(None, gt=0, description="Default supervision steps when a request names "
+                                  "none; unset: each model's own (its config.json).")
     max_steps_limit: int = Field(64, gt=0, description="Largest max_steps a request may ask for.")
-    halt_threshold: float = Field(0.5, gt=0, le=1, description="Default halting probability to stop a sample.")
+    halt_threshold: float | None = Field(None, gt=0, le=1, description="Default halting probability; unset: "
+                                         "each model's own, calibrated by training.trm.")
     max_batch_size: int = Field(16, gt=0, description="Requests refined together in one batch (serve.batch).")
     batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill.")
 
     @model_validator(mode="after")
     def _steps(self) -> TRMBackend:
-        if self.max_steps > self.max_steps_limit:
+        if self.max_steps is not None and self.max_steps > self.max_steps_limit:
             raise ValueError(f"max_steps {self.max_steps} is above max_steps_limit {self.max_steps_limit}")
         if self.deployment.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"deployment.max_ongoing_requests {self.deployment.max_ongoing_requests} is below "
                              f"max_batch_size {self.max_batch_size}: batches could never fill")
+        if self.capability.tasks.get("code_repair", 0) > 0 and self.code_repair_model is None:
+            raise ValueError("capability.tasks has code_repair but code_repair_model is not set")
         return self
 
 

@@ -1,8 +1,9 @@
 """What crosses the handle boundary between the router and a backend besides results.
 
 Backends return errors as values: `Failure("invalid", ...)` when the request is at fault
-(the router answers 4xx and does not fall back), `Failure("internal", ...)` when the backend
-is (the router falls back). Exceptions that still cross (a dead replica) mean the same as internal.
+(the router answers 4xx and does not fall back), `Failure("unsupported", ...)` when this backend
+cannot take a valid request (the router tries the next, and answers 400 if none takes it),
+`Failure("internal", ...)` when the backend is at fault (the router falls back). Exceptions that still cross (a dead replica) mean the same as internal.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-from models.engine import InvalidRequest
+from models.engine import InvalidRequest, Unsupported
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -20,11 +21,13 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Failure:
-    kind: Literal["invalid", "internal"]
+    kind: Literal["invalid", "unsupported", "internal"]
     message: str
 
 
 def _failure(exc: Exception) -> Failure:
+    if isinstance(exc, Unsupported):
+        return Failure("unsupported", str(exc))
     if isinstance(exc, InvalidRequest):
         return Failure("invalid", str(exc))
     logger.exception("backend call failed")

@@ -37,9 +37,11 @@ from deployments.api import (
 )
 from deployments.config import AppConfig
 from deployments.protocol import Failure
+from models import code_grid
 from models.engine import Completion, Delta, GenerationRequest
 from routing.features import Features, split_model, text_features
 from routing.policy import BackendState, Decision, Policy, RoutingError
+from training.corpus import FIX_PROMPT
 from training.defaults import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -154,6 +156,18 @@ def _for(out: _Outcome, name: str, arg: Any) -> Any:
     if name in out.decision.degraded and isinstance(arg, GenerationRequest):
         return replace(arg, truncate=True)
     return arg
+
+
+def _refined(result: dict[str, Any] | Completion) -> dict[str, Any]:
+    """A refine answer; a language model's repair (a Completion) in the same shape as trm's."""
+    if isinstance(result, Completion):
+        return {"code": result.text, "valid": code_grid.is_valid(result.text), "steps": None, "confidence": None,
+                "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason}
+    return result
+
+
+def _unparsed(result: dict[str, Any] | Completion) -> str | None:
+    return None if _refined(result)["valid"] else "the repaired code does not parse"
 
 
 def _ascii(s: str) -> str:
@@ -281,11 +295,11 @@ class Router:
 
     # --- decision -------------------------------------------------------------------
 
-    def _decide(self, f: Features) -> Decision:
+    def _decide(self, f: Features, as_text: Features | None = None) -> Decision:
         t = time.monotonic()
         for name, state in self.states.items():
             state.healthy = t >= self.unhealthy_until[name]
-        return self.policy.decide(f, self.states)
+        return self.policy.decide(f, self.states, as_text)
 
     def _features(self, endpoint: str, body: ChatCompletionRequest | CompletionRequest) -> Features:
         if isinstance(body, ChatCompletionRequest):
@@ -302,15 +316,22 @@ class Router:
 
     # --- calls with fallback -------------------------------------------------------
 
-    async def _call(self, out: _Outcome, method: str, arg: Any, deadline: float) -> Any:
-        """Calls the decision's candidates in order until one answers; returns its result."""
+    async def _call(self, out: _Outcome, method: str, arg: Any, deadline: float,
+                    as_text: tuple[str, Any] | None = None,
+                    check: Callable[[Any], str | None] | None = None) -> Any:
+        """Calls the decision's candidates in order until one answers; returns its result. The
+        decision's `as_text` backends get `as_text` (method, arg) instead. An answer that `check`
+        faults (a repair that does not parse) moves on to the next candidate; when none does better,
+        the first such answer is the result."""
+        kept: tuple[str, Any] | None = None
         for name in out.decision.candidates:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            m, a = as_text if as_text is not None and name in out.decision.as_text else (method, arg)
             state = self.states[name]
             state.in_flight += 1
-            response = getattr(self.handles[name], method).remote(_for(out, name, arg))
+            response = getattr(self.handles[name], m).remote(_for(out, name, a))
             try:
                 result = await asyncio.wait_for(response, remaining)
             except asyncio.TimeoutError:
@@ -323,15 +344,23 @@ class Router:
             finally:
                 state.in_flight -= 1
             if self._answered(out, name, result):
-                return result
+                fault = check(result) if check is not None else None
+                if fault is None:
+                    return result
+                out.attempts.append(_Attempt(name, f"answer not kept: {fault}"))
+                kept = kept or (name, result)
+        if kept is not None:
+            out.served_by = kept[0]
+            return kept[1]
         raise self._exhausted(out, deadline)
 
     def _answered(self, out: _Outcome, name: str, result: Any) -> bool:
         """True when `result` is an answer; a Failure is a 400 (request at fault) or a recorded failure."""
         if isinstance(result, Failure):
-            if result.kind == "invalid" and name in out.decision.degraded:
-                # the cut-down last resort refused it: the client's request was fine for the others
-                out.attempts.append(_Attempt(name, f"degraded fallback refused: {result.message}"))
+            if result.kind == "unsupported" or (result.kind == "invalid" and name in out.decision.degraded):
+                # this backend cannot take it, or the cut-down last resort refused it: the others may
+                why = "cannot take it" if result.kind == "unsupported" else "degraded fallback refused"
+                out.attempts.append(_Attempt(name, f"{why}: {result.message}"))
                 return False
             if result.kind == "invalid":
                 raise ApiError(400, result.message)
@@ -354,6 +383,8 @@ class Router:
 
     def _exhausted(self, out: _Outcome, deadline: float) -> ApiError:
         tried = "; ".join(f"{a.backend}: {a.error}" for a in out.attempts) or "none"
+        if out.attempts and all(a.error.startswith("cannot take it") for a in out.attempts):
+            return ApiError(400, f"no backend can take this request: {tried}")
         if time.monotonic() >= deadline or any("deadline" in a.error for a in out.attempts):
             return ApiError(504, f"request deadline passed; tried {tried}", type_="timeout")
         retry = max(1, round(self.cfg.router.unhealthy_cooldown_s))
@@ -480,16 +511,25 @@ class Router:
     @app.post("/v1/refine")
     async def refine(self, request: Request, body: RefineRequest):
         backend, adapter = split_model(body.model)
+        payload = body.model_dump(include={"task", "grid", "code", "max_steps", "halt_threshold"})
+        task = "puzzle_solving" if body.task == "sudoku" else "code_repair"
         f = Features(endpoint="refine", modality="grid", tokens=0, max_new_tokens=0, pages=0, text="",
-                     task="puzzle_solving", backend=backend, adapter=adapter)
-        payload = {"task": body.task, "grid": body.grid, "max_steps": body.max_steps,
-                   "halt_threshold": body.halt_threshold}
+                     task=task, backend=backend, adapter=adapter)
+        as_text = text_f = None
+        if body.task == "code_repair":  # language models take it as text: the prompt training/lm.py taught
+            prompt = f"{FIX_PROMPT}\n{body.code}"
+            new = min(self.cfg.router.max_tokens, self.count_tokens(body.code) + 16)
+            text_f = replace(f, modality="text", tokens=self.count_tokens(prompt), max_new_tokens=new, text=prompt)
+            as_text = ("generate", GenerationRequest(
+                request_id=new_id("gen"), messages=[{"role": "user", "content": prompt}], max_tokens=new,
+                temperature=0.0, adapter=adapter))
 
         async def run(out: _Outcome, deadline: float):
-            result = await self._call(out, "refine", payload, deadline)
+            result = _refined(await self._call(out, "refine", payload, deadline, as_text,
+                                               check=_unparsed if as_text else None))
             return JSONResponse({**result, "backend": out.served_by, "switchyard": out.body()}, headers=out.headers())
 
-        return await self._served("refine", request, lambda: _Outcome(self._decide(f)), run)
+        return await self._served("refine", request, lambda: _Outcome(self._decide(f, text_f)), run)
 
     @app.post("/v1/classify", openapi_extra={"requestBody": {"content": {
         "application/json": {"schema": ClassifyRequest.model_json_schema()},

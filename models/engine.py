@@ -75,6 +75,11 @@ class InvalidRequest(ValueError):
     """The request is at fault (too long, unknown adapter...): the router answers 400, no fallback."""
 
 
+class Unsupported(ValueError):
+    """A valid request this backend cannot take (code too big for the TRM's grid): the router tries
+    the next candidate, and answers 400 when none takes it."""
+
+
 def fit_prompt(ids: list[int], request: GenerationRequest, max_context: int | None) -> tuple[list[int], int]:
     """(prompt ids, tokens cut): `ids` when prompt plus max_tokens fit `max_context`; otherwise, with
     `request.truncate`, the first and last halves of what fits (the instructions and documents'

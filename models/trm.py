@@ -32,12 +32,20 @@ class TRMConfig:
     hidden_size: int = 128
     num_heads: int = 4  # attention mixer only
     # "mlp" mixes tokens with an MLP over the sequence (MLP-mixer), the paper's best on sudoku;
-    # "attention" is non-causal self-attention, the paper's choice for larger grids.
-    mixer: Literal["attention", "mlp"] = "mlp"
+    # "attention" is non-causal self-attention, the paper's choice for larger grids; "axial" is
+    # attention along the rows and along the columns of a `grid_shape` grid (the 64x48 code grid:
+    # a cell sees its line and its column, at a fraction of full attention's cost). With "axial",
+    # token 0 is padding: pad cells are not attended to, and the rows and columns past the batch's
+    # last non-pad cell (plus one column, for a token the answer inserts) are not computed at all.
+    mixer: Literal["attention", "mlp", "axial"] = "mlp"
+    grid_shape: tuple[int, int] | None = None  # (rows, columns), axial mixer only
     expansion: float = 4.0  # SwiGLU width over hidden (and over seq_len in the mlp mixer)
     num_layers: int = 2  # layers in the one shared network
     n_latent: int = 6  # n: z-updates per latent recursion
     t_outer: int = 3  # T: latent recursions per supervision step, the first T-1 without gradient
+    # The answer's logits start from the input token (plus a learned weight): for tasks whose answer
+    # is mostly the input (code repair), the network learns only where to depart from it.
+    copy_input: bool = False
     max_steps: int = 16  # N_sup: supervision steps at most
     halt_threshold: float = 0.5  # sigmoid(q) at which a sample stops
 
@@ -49,9 +57,17 @@ class TRMConfig:
                 raise ValueError(f"TRMConfig.{name} must be a positive integer, got {value!r}")
         if self.vocab_size < 2:
             raise ValueError(f"TRMConfig.vocab_size must be at least 2, got {self.vocab_size}")
-        if self.mixer not in ("attention", "mlp"):
-            raise ValueError(f"TRMConfig.mixer must be 'attention' or 'mlp', got {self.mixer!r}")
-        if self.mixer == "attention" and self.hidden_size % self.num_heads:
+        if self.mixer not in ("attention", "mlp", "axial"):
+            raise ValueError(f"TRMConfig.mixer must be 'attention', 'mlp' or 'axial', got {self.mixer!r}")
+        if self.mixer == "axial":
+            if self.grid_shape is None or len(self.grid_shape) != 2:
+                raise ValueError("TRMConfig.grid_shape (rows, columns) is required by the axial mixer")
+            self.grid_shape = tuple(self.grid_shape)  # a list after JSON
+            if self.grid_shape[0] * self.grid_shape[1] != self.seq_len:
+                raise ValueError(f"TRMConfig.grid_shape {self.grid_shape} does not hold seq_len {self.seq_len} cells")
+        elif self.grid_shape is not None:
+            raise ValueError("TRMConfig.grid_shape is for the axial mixer only")
+        if self.mixer != "mlp" and self.hidden_size % self.num_heads:
             raise ValueError(f"TRMConfig.hidden_size {self.hidden_size} must be divisible by "
                              f"num_heads {self.num_heads} for the attention mixer")
         if not self.expansion > 0:
@@ -122,10 +138,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, L, Dh)
-        y = F.scaled_dot_product_attention(q, k, v)  # non-causal: every cell sees the grid
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # non-causal: every cell sees the grid
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -140,17 +156,47 @@ class SeqMLP(nn.Module):
         return self.mlp(x.transpose(1, 2)).transpose(1, 2)  # (B, D, L) -> (B, L, D)
 
 
+@dataclass
+class GridMasks:
+    """Which keys a cell may attend to along its row and its column: non-pad cells, and itself."""
+
+    rows: torch.Tensor  # (B * R, 1, C, C) bool
+    cols: torch.Tensor  # (B * C, 1, R, R) bool
+
+    @classmethod
+    def of(cls, used: torch.Tensor) -> GridMasks:
+        B, R, C = used.shape
+        eye_c, eye_r = torch.eye(C, dtype=torch.bool, device=used.device), torch.eye(R, dtype=torch.bool, device=used.device)
+        return cls(used.reshape(B * R, 1, 1, C) | eye_c, used.transpose(1, 2).reshape(B * C, 1, 1, R) | eye_r)
+
+
+class AxialAttention(nn.Module):
+    """Attention along each row plus attention along each column, on (B, R, C, D) cells."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.row, self.col = Attention(dim, heads), Attention(dim, heads)
+
+    def forward(self, x: torch.Tensor, masks: GridMasks) -> torch.Tensor:
+        B, R, C, D = x.shape
+        rows = self.row(x.reshape(B * R, C, D), masks.rows).view(B, R, C, D)
+        cols = self.col(x.transpose(1, 2).reshape(B * C, R, D), masks.cols).view(B, C, R, D).transpose(1, 2)
+        return rows + cols
+
+
 class Layer(nn.Module):
     def __init__(self, cfg: TRMConfig):
         super().__init__()
-        if cfg.mixer == "attention":
+        if cfg.mixer == "axial":
+            self.mix = AxialAttention(cfg.hidden_size, cfg.num_heads)
+        elif cfg.mixer == "attention":
             self.mix = Attention(cfg.hidden_size, cfg.num_heads)
         else:
             self.mix = SeqMLP(cfg.seq_len, cfg.expansion)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.expansion)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _rms_norm(x + self.mix(x))
+    def forward(self, x: torch.Tensor, masks: GridMasks | None = None) -> torch.Tensor:
+        x = _rms_norm(x + (self.mix(x) if masks is None else self.mix(x, masks)))
         return _rms_norm(x + self.mlp(x))
 
 
@@ -161,9 +207,9 @@ class Net(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, masks: GridMasks | None = None) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, masks)
         return x
 
 
@@ -174,14 +220,20 @@ class TRM(nn.Module):
         D = cfg.hidden_size
         self.embed_scale = math.sqrt(D)  # embeddings start at std 1/sqrt(D) and enter at unit scale
         self.embed = nn.Embedding(cfg.vocab_size, D)
-        self.pos = nn.Parameter(torch.empty(cfg.seq_len, D))
+        # a grid's position is its row's embedding plus its column's: every row's is trained by
+        # all of its cells, which matters for the rarely filled last rows of the code grid
+        rows, cols = cfg.grid_shape or (cfg.seq_len, 0)
+        self.pos = nn.Parameter(torch.empty(rows, D))
+        self.col_pos = nn.Parameter(torch.empty(cols, D)) if cols else None
         self.y_init = nn.Parameter(torch.empty(D))
         self.z_init = nn.Parameter(torch.empty(D))
         self.net = Net(cfg)
         self.head = nn.Linear(D, cfg.vocab_size, bias=False)
+        self.copy_weight = nn.Parameter(torch.tensor(4.0)) if cfg.copy_input else None
         self.q_head = nn.Linear(D, 1)  # on y mean-pooled over cells: no cell of a grid is special
-        for p in (self.embed.weight, self.pos):
-            nn.init.trunc_normal_(p, std=1 / self.embed_scale)
+        for p in (self.embed.weight, self.pos, self.col_pos):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=1 / self.embed_scale)
         for p in (self.y_init, self.z_init):
             nn.init.trunc_normal_(p, std=1.0)
         # the paper starts the halting head at "not correct" so early training runs every step
@@ -198,21 +250,61 @@ class TRM(nn.Module):
     def embed_input(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_scale * (self.embed(tokens) + self.pos) / math.sqrt(2)  # (B, L, D)
 
-    def latent_recursion(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def latent_recursion(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor,
+                         masks: GridMasks | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         for _ in range(self.config.n_latent):
-            z = self.net(x + y + z)
-        y = self.net(y + z)
+            z = self.net(x + y + z, masks)
+        y = self.net(y + z, masks)
         return y, z
+
+    def _recurse(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor,
+                 masks: GridMasks | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            for _ in range(self.config.t_outer - 1):
+                y, z = self.latent_recursion(x, y, z, masks)
+        return self.latent_recursion(x, y, z, masks)
 
     def forward(self, carry: Carry, tokens: torch.Tensor) -> StepOutput:
         """One supervision step on puzzle `tokens` (B, L) from `carry`; the new carry is detached."""
-        x, y, z = self.embed_input(tokens), carry.y, carry.z
-        with torch.no_grad():
-            for _ in range(self.config.t_outer - 1):
-                y, z = self.latent_recursion(x, y, z)
-        y, z = self.latent_recursion(x, y, z)
+        if self.config.mixer == "axial":
+            return self._grid_step(carry, tokens)
+        y, z = self._recurse(self.embed_input(tokens), carry.y, carry.z)
         q = self.q_head(y.mean(dim=1)).squeeze(-1)  # (B,)
-        return StepOutput(Carry(y.detach(), z.detach()), self.head(y), q)
+        return StepOutput(Carry(y.detach(), z.detach()), self._answer(y, tokens), q)
+
+    def _answer(self, y: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        logits = self.head(y)
+        if self.copy_weight is not None:
+            logits = logits + self.copy_weight * F.one_hot(tokens, self.config.vocab_size).to(logits.dtype)
+        return logits
+
+    def _grid_step(self, carry: Carry, tokens: torch.Tensor) -> StepOutput:
+        """forward() on the used part of the grid: a sample's rows up to its last non-pad cell and
+        its columns up to one past its widest row (room for one inserted token); other cells keep
+        their carry and answer pad. Pad cells are never attended to, so a sample's answer does not
+        depend on its batch, and the batch computes only up to its largest sample."""
+        (R, C), B, D = self.config.grid_shape, tokens.shape[0], self.config.hidden_size
+        grid = tokens.view(B, R, C)
+        used = grid != 0
+        rows = torch.where(used.any(2), torch.arange(1, R + 1, device=grid.device), 0).amax(1)  # (B,)
+        cols = torch.where(used.any(1), torch.arange(2, C + 2, device=grid.device), 0).amax(1).clamp(max=C)
+        r, c = max(1, int(rows.max())), max(1, int(cols.max()))
+        grid, used = grid[:, :r, :c], used[:, :r, :c]
+        x = self.embed_scale * (self.embed(grid) + self.pos[:r, None] + self.col_pos[None, :c]) / math.sqrt(2)
+        y0, z0 = carry.y.view(B, R, C, D), carry.z.view(B, R, C, D)
+        y, z = self._recurse(x, y0[:, :r, :c], z0[:, :r, :c], GridMasks.of(used))
+        weight = used.unsqueeze(-1).to(y.dtype)
+        q = self.q_head((y * weight).sum((1, 2)) / weight.sum((1, 2)).clamp(min=1)).squeeze(-1)
+        pad = torch.full((self.config.vocab_size,), -30.0, dtype=y.dtype, device=y.device)
+        pad[0] = 0.0  # outside a sample's part: pad, confidently
+        own = ((torch.arange(r, device=y.device) < rows[:, None])[:, :, None]
+               & (torch.arange(c, device=y.device) < cols[:, None])[:, None, :])
+        logits = pad.expand(B, R, C, -1)
+        inner = self._answer(y, grid).where(own.unsqueeze(-1), pad)
+        logits = torch.cat([torch.cat([inner, logits[:, :r, c:]], 2), logits[:, r:]], 1)
+        y_out, z_out = y0.detach().clone(), z0.detach().clone()
+        y_out[:, :r, :c], z_out[:, :r, :c] = y.detach(), z.detach()
+        return StepOutput(Carry(y_out.view(B, R * C, D), z_out.view(B, R * C, D)), logits.reshape(B, R * C, -1), q)
 
     @torch.inference_mode()
     def refine(self, tokens: torch.Tensor, max_steps: int | torch.Tensor | None = None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from routing.config import TASKS, Capability, RoutingConfig, Rule
@@ -59,6 +59,8 @@ class Decision:
     # Last-resort fallbacks whose context is too short for the request: they get the prompt's head
     # and tail (GenerationRequest.truncate) and the answer is marked degraded with this reason.
     degraded: dict[str, str] = field(default_factory=dict)
+    # Fallbacks that take the request as text (a code grid refined by a language model), after the others.
+    as_text: tuple[str, ...] = ()
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -143,7 +145,30 @@ class Policy:
             return "unhealthy"
         return None
 
-    def decide(self, f: Features, states: Mapping[str, BackendState] | None = None) -> Decision:
+    def decide(self, f: Features, states: Mapping[str, BackendState] | None = None,
+               as_text: Features | None = None) -> Decision:
+        """The decision for `f`; with `as_text` (the same request as text), the backends that can
+        take that and not `f` follow as fallbacks, or serve it alone when none can take `f`."""
+        if as_text is None:
+            return self._decide(f, states)
+        try:
+            first = self._decide(f, states)
+        except RoutingError as exc:
+            first, error = None, exc
+        try:
+            text = self._decide(as_text, states)
+        except RoutingError:
+            if first is None:
+                raise error from None
+            return first
+        if first is None:
+            return replace(text, reason=f"{text.reason} (as text)", as_text=text.candidates)
+        extra = tuple(n for n in text.candidates if n not in first.candidates)
+        return replace(first, fallbacks=(*first.fallbacks, *extra), as_text=extra,
+                       excluded={n: why for n, why in first.excluded.items() if n not in extra},
+                       degraded=first.degraded | {n: why for n, why in text.degraded.items() if n in extra})
+
+    def _decide(self, f: Features, states: Mapping[str, BackendState] | None = None) -> Decision:
         states = states or {}
         if f.backend is not None and f.backend not in self.backends:
             known = ", ".join(["auto", *self.backends])

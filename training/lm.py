@@ -64,7 +64,7 @@ PRESETS = {
     # Same width and depth as tiny-llama; fewer steps, as a Mamba step costs about 3x on CPU.
     "tiny-mamba": Preset(hidden=256, layers=4, arch="mamba", steps=500),
 }
-TASKS = ("Rewrite this code:", "Fix this code:", "Continue this code:")
+TASKS = ("Rewrite this code:", corpus.FIX_PROMPT, "Continue this code:")
 
 
 def model_config(preset: Preset, tok: PreTrainedTokenizerBase) -> LlamaConfig | MambaConfig:
@@ -98,7 +98,7 @@ def chat_examples(tok: PreTrainedTokenizerBase, seq: int, seed: int = SEED) -> l
     for text in corpus.texts("train"):
         for block in corpus.blocks_of(text, max_lines=16):
             task = rng.choice(TASKS)
-            if task == "Fix this code:":
+            if task == corpus.FIX_PROMPT:
                 broken = corpus.corrupt(block, rng.randrange(1 << 30))
                 if broken is None:
                     continue

@@ -1,18 +1,22 @@
-"""Train the Tiny Recursive Model on sudoku with deep supervision and a learned halting head.
+"""Train the Tiny Recursive Model (sudoku or code_repair) with deep supervision and a learned halting head.
 
 Each training step is one supervision step (the paper's scheme): the batch's samples carry their
 (y, z) from the step before; the step's loss is cross-entropy of the answer on every cell plus
 binary cross-entropy of the halting logit q against "the current answer is entirely right"; a
-sample whose q says halt, or that has had `max_steps` steps, is replaced by a fresh puzzle. Base
-puzzles (training/sudoku_data.py) are augmented on the fly by sudoku's symmetries. An EMA of the
+sample whose q says halt, or that has had `max_steps` steps, is replaced by a fresh puzzle. Sudoku
+base puzzles (training/sudoku_data.py) are augmented on the fly by sudoku's symmetries; code_repair
+pairs (training/code_repair_data.py) are a fresh corruption of a random function each time, and
+their loss counts only cells that are not padding in the input or the answer. An EMA of the
 weights is what gets evaluated and saved.
 
     python -m training.trm --task sudoku --config training/configs/trm_sudoku_cpu.yaml
+    python -m training.trm --task code_repair --config training/configs/trm_code_repair_cpu.yaml
     python -m training.trm --calibrate models/embedded/tiny-trm   # only the halting threshold again
 
 Writes the EMA model (TRM.save_pretrained: config.json, model.safetensors), weight snapshots (model,
 EMA, optimizer; no resume) every `checkpoint_every` steps, and training.json with the held-out evaluation.
-Then calibrates the halting threshold on validation puzzles (`calibrate`).
+Then calibrates the halting threshold on validation puzzles (`calibrate`). A task's solve rate is
+the share of answers entirely right: a sudoku solution, or the original function's exact grid.
 """
 
 from __future__ import annotations
@@ -35,9 +39,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from models import sudoku
+from models import code_grid, sudoku
 from models.trm import TRM, Carry, TRMConfig
-from training import sudoku_data
+from training import code_repair_data, sudoku_data
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -46,12 +50,13 @@ REPO = Path(__file__).resolve().parents[1]
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    task: Literal["sudoku"] = "sudoku"
+    task: Literal["sudoku", "code_repair"] = "sudoku"
     model: dict[str, Any] = Field(default_factory=dict, description="TRMConfig fields.")
     train_puzzles: int = Field(2000, gt=0, description="Base puzzles, augmented on the fly.")
     train_givens: list[int] = Field(default_factory=lambda: list(range(30, 46)), min_length=1)
     test_givens: list[int] = Field(default_factory=lambda: [24, 28, 32, 36, 40, 45], min_length=1)
     test_per_givens: int = Field(100, gt=0)
+    test_examples: int = Field(500, gt=0, description="code_repair: held-out pairs for test, and for validation.")
     steps: int = Field(3000, gt=0, description="Optimizer steps, one supervision step each.")
     batch: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -84,6 +89,52 @@ def test_set(cfg: TrainConfig, exclude: set, offset: int = 10_000) -> list[tuple
     return out
 
 
+class SudokuTask:
+    """Generated puzzles: base puzzles augmented on the fly; test and validation puzzles apart from them."""
+
+    model_defaults: dict[str, Any] = {}  # TRMConfig's defaults are sudoku's
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.base = sudoku_data.generate(cfg.train_puzzles, cfg.train_givens, seed=cfg.seed)
+        self.keys = {sudoku_data.key(p) for p, _ in self.base}
+
+    def stream(self) -> Stream:
+        return Stream(self.base, self.cfg.seed)
+
+    def test(self) -> list:
+        return test_set(self.cfg, self.keys)
+
+    def validation(self) -> list:
+        return test_set(self.cfg, self.keys | {sudoku_data.key(p) for p, _ in self.test()}, offset=20_000)
+
+    def evaluate(self, model: TRM, examples: list, **limits: Any) -> dict[str, Any]:
+        return evaluate(model, examples, **limits)
+
+
+class CodeRepairTask:
+    """Corrupted functions of the stdlib corpus on the code grid (training/code_repair_data.py)."""
+
+    model_defaults = {"vocab_size": code_grid.VOCAB_SIZE, "seq_len": code_grid.ROWS * code_grid.COLS,
+                      "mixer": "axial", "grid_shape": (code_grid.ROWS, code_grid.COLS)}
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def stream(self) -> code_repair_data.Stream:
+        return code_repair_data.Stream(self.cfg.seed)
+
+    def test(self) -> list[code_repair_data.Pair]:
+        return code_repair_data.heldout("test", self.cfg.test_examples, self.cfg.seed)
+
+    def validation(self) -> list[code_repair_data.Pair]:
+        return code_repair_data.heldout("validation", self.cfg.test_examples, self.cfg.seed)
+
+    def evaluate(self, model: TRM, examples: list, **limits: Any) -> dict[str, Any]:
+        return evaluate_code(model, examples, **limits)
+
+
+TASKS = {"sudoku": SudokuTask, "code_repair": CodeRepairTask}
 THRESHOLDS = (0.5, 0.9, 0.99, 0.999)
 
 
@@ -94,13 +145,12 @@ def calibrate(out_dir: Path, max_loss: float = 0.005, command: str = "") -> dict
     report = json.loads((out_dir / "training.json").read_text())
     cfg = TrainConfig.model_validate(report["config"])
     model = TRM.from_pretrained(out_dir)
-    base = {sudoku_data.key(p) for p, _ in sudoku_data.generate(cfg.train_puzzles, cfg.train_givens, seed=cfg.seed)}
-    held = test_set(cfg, base)
-    validation = test_set(cfg, base | {sudoku_data.key(p) for p, _ in held}, offset=20_000)
-    full = evaluate(model, validation, halt_threshold=1.0)["solve_rate"]
+    task = TASKS[cfg.task](cfg)
+    held, validation = task.test(), task.validation()
+    full = task.evaluate(model, validation, halt_threshold=1.0)["solve_rate"]
     tried, threshold = {}, 1.0  # 1.0: never halt, when no threshold keeps the solve rate
     for t in THRESHOLDS:
-        tried[t] = evaluate(model, validation, halt_threshold=t)
+        tried[t] = task.evaluate(model, validation, halt_threshold=t)
         if full - tried[t]["solve_rate"] <= max_loss:
             threshold = t
             break
@@ -110,7 +160,7 @@ def calibrate(out_dir: Path, max_loss: float = 0.005, command: str = "") -> dict
                              "curve_at_chosen": (tried[threshold]["curve"] if threshold in tried else None),
                              "tried": {str(t): {"solve_rate": r["solve_rate"], "mean_steps": r["mean_steps"]}
                                        for t, r in tried.items()}, "command": command}
-    report["heldout"]["halting"] = evaluate(TRM.from_pretrained(out_dir), held)
+    report["heldout"]["halting"] = task.evaluate(TRM.from_pretrained(out_dir), held)
     (out_dir / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     logger.info("halting threshold %s: %s", threshold, json.dumps(report["calibration"]))
     return report
@@ -143,18 +193,46 @@ def evaluate(model: TRM, pairs: list[tuple[sudoku.Grid, sudoku.Grid]], max_steps
             "mean_steps": round(sum(steps) / len(steps), 3)}
 
 
+@torch.no_grad()
+def evaluate_code(model: TRM, pairs: list[code_repair_data.Pair], max_steps: int | None = None,
+                  halt_threshold: float | None = None, batch: int = 32) -> dict[str, Any]:
+    """Per corruption kind: solve rate (the original function exactly), valid rate (the answer
+    parses), and the accuracy on the cells the corruption changed; mean steps used."""
+    by: dict[str, list[float]] = {}
+    steps = []
+    device = next(model.parameters()).device
+    pairs = sorted(pairs, key=lambda p: int((p.x.view(code_grid.ROWS, -1) != 0).any(1).sum()))  # similar sizes together:
+    # a batch computes up to its largest grid, and a sample's answer does not depend on its batch
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        out = model.refine(torch.stack([p.x for p in chunk]).to(device), max_steps, halt_threshold)
+        for p, answer, s in zip(chunk, out.tokens.cpu(), out.steps.tolist()):
+            changed = p.x != p.y
+            row = by.setdefault(p.corruption, [0, 0, 0, 0.0])
+            row[0] += 1
+            row[1] += bool((answer == p.y).all())
+            row[2] += code_grid.is_valid(code_grid.decode(answer, code_grid.encode(p.broken)))
+            row[3] += float((answer[changed] == p.y[changed]).float().mean())
+            steps.append(s)
+    curve = {k: {"n": n, "solve_rate": round(solved / n, 4), "valid_rate": round(valid / n, 4),
+                 "changed_cell_accuracy": round(cells / n, 4)} for k, (n, solved, valid, cells) in sorted(by.items())}
+    total = sum(v[0] for v in by.values())
+    return {"curve": curve, "solve_rate": round(sum(v[1] for v in by.values()) / total, 4),
+            "valid_rate": round(sum(v[2] for v in by.values()) / total, 4),
+            "mean_steps": round(sum(steps) / len(steps), 3)}
+
+
 def train(cfg: TrainConfig, command: str) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
-    base = sudoku_data.generate(cfg.train_puzzles, cfg.train_givens, seed=cfg.seed)
-    held = test_set(cfg, {sudoku_data.key(p) for p, _ in base})
-    logger.info("%d base train puzzles, %d held-out puzzles (%.1f s)", len(base), len(held), time.perf_counter() - start)
+    task = TASKS[cfg.task](cfg)
+    stream, held = task.stream(), task.test()
+    logger.info("%s: %d held-out examples (%.1f s)", cfg.task, len(held), time.perf_counter() - start)
 
-    model = TRM(TRMConfig(**cfg.model)).to(cfg.device)
+    model = TRM(TRMConfig(**(task.model_defaults | cfg.model))).to(cfg.device)
     ema = copy.deepcopy(model).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
-    stream = Stream(base, cfg.seed)
     x, y = stream.take(cfg.batch, cfg.device)  # checkpoints below are weight snapshots (model, EMA, optimizer)
     carry, age = model.initial_carry(cfg.batch), torch.zeros(cfg.batch, dtype=torch.long, device=cfg.device)
     out_dir = REPO / cfg.out if not Path(cfg.out).is_absolute() else Path(cfg.out)
@@ -166,7 +244,8 @@ def train(cfg: TrainConfig, command: str) -> dict[str, Any]:
         model.train()
         out = model(carry, x)
         correct = (out.logits.argmax(-1) == y).all(dim=1)
-        loss_y = F.cross_entropy(out.logits.flatten(0, 1), y.flatten())
+        content = (x != 0) | (y != 0)  # every cell of a sudoku; the code grid's lines (0 is padding)
+        loss_y = F.cross_entropy(out.logits[content], y[content])
         loss_q = F.binary_cross_entropy_with_logits(out.q, correct.float())
         opt.zero_grad(set_to_none=True)
         (loss_y + 0.5 * loss_q).backward()
@@ -198,8 +277,8 @@ def train(cfg: TrainConfig, command: str) -> dict[str, Any]:
 
     ema.save_pretrained(out_dir)
     (out_dir / "checkpoint.pt").unlink(missing_ok=True)  # the run finished: the EMA model is the artefact
-    full = evaluate(ema, held, halt_threshold=1.0)  # every step, no halting
-    halted = evaluate(ema, held)
+    full = task.evaluate(ema, held, halt_threshold=1.0)  # every step, no halting
+    halted = task.evaluate(ema, held)
     report = {
         "task": cfg.task, "config": cfg.model_dump(), "model": asdict(ema.config), "parameters": ema.num_parameters(),
         "train_seconds": round(seconds, 1), "steps": cfg.steps,
@@ -213,7 +292,7 @@ def train(cfg: TrainConfig, command: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=["sudoku"], default="sudoku")
+    parser.add_argument("--task", choices=list(TASKS), default="sudoku")
     parser.add_argument("--config", type=Path, help="train with this config")
     parser.add_argument("--calibrate", type=Path, metavar="DIR",
                         help="pick the halting threshold of the model trained into DIR (after training)")

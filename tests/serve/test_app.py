@@ -289,6 +289,48 @@ def test_refine_sudoku_goes_to_trm(client):
     assert 1 <= body["steps"] <= 4 and 0 <= body["confidence"] <= 1 and isinstance(body["valid"], bool)
 
 
+def test_refine_code_repair_on_trm(client):
+    code = "def add(a, b):\n    return a + b"
+    r = client.post("/v1/refine", json={"task": "code_repair", "code": code, "model": "trm", "max_steps": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["backend"] == "trm" and body["code"] == code and body["valid"] is True  # nothing to repair
+    assert 1 <= body["steps"] <= 3 and 0 <= body["confidence"] <= 1
+
+
+def test_refine_code_repair_keeps_trm_only_when_its_answer_parses(client):
+    r = client.post("/v1/refine", json={"task": "code_repair", "code": "def add(a, b)\n    return a + b"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    attempts = body["switchyard"]["attempts"]
+    if body["backend"] == "trm" and not attempts:
+        assert body["valid"] is True
+    else:  # trm's answer did not parse: the transformer had its turn, as text
+        assert attempts[0]["backend"] == "trm" and attempts[0]["error"].startswith("answer not kept")
+        # the transformer's repair parses, or none did and trm's, the first, is the answer
+        assert (body["backend"], body["valid"]) in {("transformer", True), ("trm", False)}
+
+
+def test_code_too_big_for_trm_goes_to_the_transformer_as_text(client):
+    code = "\n".join(f"x{i} = {i}" for i in range(70))
+    r = client.post("/v1/refine", json={"task": "code_repair", "code": code})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["backend"] == "transformer" and isinstance(body["code"], str) and body["steps"] is None
+    assert body["completion_tokens"] >= 1 and isinstance(body["valid"], bool)
+    first = body["switchyard"]["attempts"][0]
+    assert first["backend"] == "trm" and "does not fit" in first["error"]
+    assert "trm" in r.headers["x-switchyard-fallback"]
+
+
+def test_code_repair_without_trm_is_a_language_models_job(client):
+    r = client.post("/fallback/v1/refine", json={"task": "code_repair", "code": "def f(x)\n    return x"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["backend"] == "transformer" and not body["switchyard"]["attempts"]
+    assert "as text" in body["switchyard"]["reason"]
+
+
 def test_classify_base64_and_multipart(client):
     image = png()
     r = client.post("/v1/classify", json={"image": base64.b64encode(image).decode()})
@@ -408,6 +450,11 @@ BAD = [
     ("/v1/refine", {"grid": SUDOKU, "task": "chess"}, 400, "task"),
     ("/v1/refine", {"grid": SUDOKU, "max_steps": 0}, 400, "max_steps"),
     ("/v1/refine", {"grid": SUDOKU, "max_steps": 1000}, 400, None),
+    ("/v1/refine", {"code": "x = 1"}, 400, None),
+    ("/v1/refine", {"task": "code_repair"}, 400, None),
+    ("/v1/refine", {"task": "code_repair", "code": ""}, 400, "code"),
+    ("/v1/refine", {"task": "code_repair", "code": "x = 1", "grid": SUDOKU}, 400, None),
+    ("/v1/refine", {"task": "code_repair", "code": "x\n" * 70, "model": "trm"}, 400, None),  # too big for its grid
     ("/v1/classify", {"image": base64.b64encode(b"definitely not an image").decode()}, 400, None),
     ("/v1/classify", {"image": "%%% not base64"}, 400, "image"),
     ("/v1/classify", {"image": base64.b64encode(png(fmt="GIF")).decode()}, 400, None),

@@ -268,3 +268,33 @@ def test_shipped_config_has_measured_cost_models(cfg):
         cost = cfg.backend(name).capability.cost
         assert cost is not None and "bench.long_context" in cost.measured
     assert cfg.routing.strategy == "cost"
+
+
+# --- a grid that language models take as text (code_repair on /v1/refine) -----------------------
+
+def code_repair(model: str = "auto") -> tuple[Features, Features]:
+    grid = feat("", tokens=0, max_new=0, modality="grid", task="code_repair", endpoint="refine", model=model)
+    return grid, Features(**{**grid.__dict__, "modality": "text", "tokens": 40, "max_new_tokens": 56})
+
+
+def test_code_repair_goes_to_trm_then_to_the_transformer_as_text(policy):
+    grid, text = code_repair()
+    d = policy.decide(grid, as_text=text)
+    assert d.candidates == ("trm", "transformer") and d.as_text == ("transformer",)
+    assert "transformer" not in d.excluded  # it is a candidate, as text
+
+
+def test_code_repair_goes_as_text_alone_when_trm_cannot(policy):
+    grid, text = code_repair()
+    d = policy.decide(grid, {"trm": BackendState(healthy=False)}, text)
+    assert d.candidates == ("transformer",) and d.as_text == ("transformer",) and d.reason.endswith("(as text)")
+    grid, text = code_repair(model="transformer")
+    pinned = policy.decide(grid, as_text=text)
+    assert pinned.candidates == ("transformer",) and pinned.as_text == ("transformer",)
+
+
+def test_code_repair_without_a_text_backend_keeps_the_grid_decision_or_its_error(policy):
+    grid, text = code_repair(model="trm")
+    assert policy.decide(grid, None, text).candidates == ("trm",)  # pinned trm: the text decision fails
+    with pytest.raises(RoutingError, match="trm unhealthy"):
+        policy.decide(grid, {n: BackendState(healthy=False) for n in ("trm", "transformer")}, text)

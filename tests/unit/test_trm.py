@@ -57,7 +57,10 @@ def spread_q(model: TRM) -> TRM:
     (dict(vocab_size=1), "vocab_size must be at least 2"),
     (dict(hidden_size=0), "hidden_size must be a positive integer"),
     (dict(n_latent=2.5), "n_latent must be a positive integer"),
-    (dict(mixer="conv"), "mixer must be 'attention' or 'mlp'"),
+    (dict(mixer="conv"), "mixer must be 'attention', 'mlp' or 'axial'"),
+    (dict(mixer="axial"), "grid_shape .* is required"),
+    (dict(mixer="axial", grid_shape=(8, 9), seq_len=81), "does not hold seq_len 81"),
+    (dict(grid_shape=(9, 9)), "for the axial mixer only"),
     (dict(mixer="attention", hidden_size=30, num_heads=4), "divisible by num_heads"),
     (dict(expansion=0), "expansion must be positive"),
     (dict(halt_threshold=0.0), r"halt_threshold must be in \(0, 1\]"),
@@ -114,14 +117,14 @@ def test_refine_rejects_bad_arguments():
         model.refine(puzzles(1), halt_threshold=0)
 
 
-@pytest.mark.parametrize("mixer", ["mlp", "attention"])
+@pytest.mark.parametrize("mixer", ["mlp", "attention", "axial"])
 def test_save_load_round_trip(tmp_path, mixer):
-    model = spread_q(tiny(mixer, seed=3))
+    model = spread_q(tiny(seed=3, **(GRID if mixer == "axial" else {"mixer": mixer})))
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     loaded = TRM.from_pretrained(tmp_path)
     assert loaded.config == model.config
-    x = puzzles(5)
+    x = puzzles(5) if mixer != "axial" else grids([(3, 5), (6, 2), (1, 8), (8, 8), (2, 2)])
     a, b = model.refine(x, halt_threshold=0.7), loaded.refine(x, halt_threshold=0.7)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.steps, b.steps)
     assert torch.equal(a.confidence, b.confidence)
@@ -273,3 +276,64 @@ def test_threshold_one_never_halts_even_when_sigmoid_rounds_to_one():
         model.q_head.bias.fill_(40.0)  # sigmoid(40.) is exactly 1.0 in float32
     assert model.refine(puzzles(2), max_steps=3, halt_threshold=1.0).steps.tolist() == [3, 3]
     assert model.refine(puzzles(2), max_steps=3, halt_threshold=0.999).steps.tolist() == [1, 1]
+
+
+# --- the axial mixer on a grid with padding (the code grid's scheme: token 0 is pad) -------------
+
+GRID = dict(mixer="axial", grid_shape=(8, 10), seq_len=80, vocab_size=12)
+
+
+def grids(extents: list[tuple[int, int]], seed: int = 0) -> torch.Tensor:
+    """One grid per (rows, columns) extent: random non-pad tokens there, pad elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(len(extents), 8, 10, dtype=torch.long)
+    for i, (r, c) in enumerate(extents):
+        out[i, :r, :c] = torch.randint(1, 12, (r, c), generator=g)
+    return out.view(len(extents), 80)
+
+
+def test_axial_answers_do_not_depend_on_the_batch():
+    model = spread_q(tiny(**GRID))
+    x = grids([(2, 3), (8, 9), (5, 1)])
+    together = model.refine(x, halt_threshold=0.6)
+    for i in range(3):
+        alone = model.refine(x[i:i + 1], halt_threshold=0.6)
+        assert torch.equal(alone.tokens[0], together.tokens[i]) and alone.steps[0] == together.steps[i]
+        torch.testing.assert_close(alone.confidence[0], together.confidence[i])
+
+
+def test_axial_computes_a_sample_only_up_to_its_extent():
+    model = tiny(**GRID).train()
+    x = grids([(2, 3), (4, 5)])
+    carry = model.initial_carry(2)
+    out = model(carry, x)
+    answer = out.logits.argmax(-1).view(2, 8, 10)
+    # the first sample: rows past its 2nd and columns past its 4th (one spare) answer pad
+    assert not answer[0, 2:].any() and not answer[0, :, 4:].any() and not answer[1, 4:].any()
+    # cells no sample reaches keep their carry
+    torch.testing.assert_close(out.carry.y.view(2, 8, 10, -1)[:, 4:], carry.y.view(2, 8, 10, -1)[:, 4:])
+    out.logits.sum().backward()
+    assert model.col_pos.grad[:6].abs().sum() > 0 and not model.col_pos.grad[6:].any()
+
+
+def test_axial_pad_cells_are_not_attended_to():
+    model = tiny(**GRID)
+    x = grids([(3, 4)])
+    carry = model.initial_carry(1)
+    y = carry.y.clone().view(8, 10, -1)
+    y[1, 4] += 3.0  # a pad cell inside the computed part (the spare column)
+    a = model(carry, x).logits.view(8, 10, -1)
+    b = model(Carry(y.view(1, 80, -1), carry.z), x).logits.view(8, 10, -1)
+    torch.testing.assert_close(a[:3, :4], b[:3, :4])  # no token cell saw it
+    assert not torch.allclose(a[1, 4], b[1, 4])
+
+
+@pytest.mark.parametrize("extra", [{}, GRID])
+def test_copy_input_starts_the_answer_from_the_input(extra):
+    x = grids([(3, 4), (8, 10)]) if extra else puzzles(2)
+    copying, plain = tiny(**{**extra, "copy_input": True}), tiny(**extra)
+    with torch.no_grad():
+        copying.head.weight.zero_()
+        plain.head.weight.zero_()
+    assert torch.equal(copying.refine(x, max_steps=1).tokens, x)
+    assert not plain.refine(x, max_steps=1).tokens.any()  # all logits equal: token 0

@@ -1,6 +1,7 @@
-"""training/sudoku_data.py and training/trm.py: puzzles are unique-solution and as hard as asked,
-splits do not overlap, augmentation keeps a puzzle and its solution, a short training run writes a
-loadable model with its evaluation, and the committed default's reported figures hold."""
+"""training/sudoku_data.py, training/code_repair_data.py and training/trm.py: puzzles are
+unique-solution and as hard as asked, code pairs are broken and repairable, splits do not overlap,
+augmentation keeps a puzzle and its solution, short training runs write a loadable model with its
+evaluation, and the committed defaults' reported figures hold."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import json
 import random
 
 import pytest
+import torch
 
-from models import sudoku
+from models import code_grid, sudoku
 from models.trm import TRM
-from training import sudoku_data, trm
+from training import code_repair_data, corpus, sudoku_data, trm
 from training.defaults import TRAINED_DIR
 
 
@@ -80,3 +82,47 @@ def test_committed_default_reproduces_its_reported_figures():
     assert got == report["heldout"]["all_steps"]["curve"]["45"]
     assert json.loads((TRAINED_DIR / "tiny-trm" / "config.json").read_text())["halt_threshold"] == \
         report["calibration"]["chosen"]
+
+
+# --- code_repair -------------------------------------------------------------------------------
+
+def test_code_pairs_are_broken_functions_whose_answer_is_the_original():
+    rng = random.Random(0)
+    sources = [f for text in corpus.texts("train", limit=5) for f in code_repair_data.definitions(text)]
+    pairs = [p for p in (code_repair_data.make_pair(f, rng) for f in sources[:40]) if p is not None]
+    assert len(pairs) >= 20 and {p.corruption for p in pairs} <= set(corpus.CORRUPTIONS)
+    for p in pairs:
+        assert code_grid.is_valid(p.source) and not code_grid.is_valid(p.broken)
+        grid = code_grid.encode(p.broken)
+        assert torch.equal(grid.tokens, p.x) and not torch.equal(p.x, p.y)
+        assert code_grid.decode(p.y, grid) == "\n".join(line.rstrip() for line in p.source.splitlines())
+
+
+def test_definitions_include_methods_dedented():
+    text = "class A:\n    @staticmethod\n    def f(x):\n        return x\n\ndef g():\n    pass\n"
+    assert code_repair_data.definitions(text) == [
+        "class A:\n    @staticmethod\n    def f(x):\n        return x", "def g():\n    pass",
+        "@staticmethod\ndef f(x):\n    return x"]
+    assert code_repair_data.definitions("def broken(:\n") == []
+
+
+def test_code_test_and_validation_sets_are_held_out_and_disjoint():
+    test, validation = code_repair_data.heldout("test", 50), code_repair_data.heldout("validation", 50)
+    assert len(test) == len(validation) == 50
+    assert [p.broken for p in test] == [p.broken for p in code_repair_data.heldout("test", 50)]  # seeded
+    train = set(code_repair_data.functions("train"))
+    assert not {p.source for p in test} & {p.source for p in validation}
+    assert not {p.source for p in test + validation} & train
+
+
+def test_short_code_repair_training_run(tmp_path):
+    cfg = trm.TrainConfig(task="code_repair", model={"hidden_size": 16, "num_heads": 2, "num_layers": 1,
+                                                      "n_latent": 1, "t_outer": 1, "max_steps": 2},
+                          test_examples=6, steps=2, batch=2, out=str(tmp_path))
+    report = trm.train(cfg, "test")
+    model = TRM.from_pretrained(tmp_path)
+    assert model.config.mixer == "axial" and model.config.grid_shape == (code_grid.ROWS, code_grid.COLS)
+    assert model.config.vocab_size == code_grid.VOCAB_SIZE
+    halting = report["heldout"]["halting"]
+    assert sum(row["n"] for row in halting["curve"].values()) == 6
+    assert set(halting) == {"curve", "solve_rate", "valid_rate", "mean_steps"}
