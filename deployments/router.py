@@ -349,8 +349,9 @@ class Router:
                     return result
                 out.attempts.append(_Attempt(name, f"answer not kept: {fault}"))
                 kept = kept or (name, result)
-        if kept is not None:
+        if kept is not None:  # no answer passed the check: the first one is the answer after all
             out.served_by = kept[0]
+            out.attempts = [a for a in out.attempts if a.backend != kept[0] or not a.error.startswith("answer not kept")]
             return kept[1]
         raise self._exhausted(out, deadline)
 

@@ -6,7 +6,8 @@ and operators have fixed tokens; names are numbered in order of first appearance
 (ID_0, ID_1, ...) and literals, comments and unknown characters likewise (LIT_k), so the
 vocabulary is small and fixed while any name or string round-trips: `Grid` keeps the tables and
 every token's text and the whitespace before it. A decoded line whose tokens did not change comes
-back verbatim; a changed one keeps the spacing of the tokens it kept (difflib alignment).
+back verbatim; a changed one keeps the spacing of the tokens it kept (difflib alignment; by position
+when the count did not change, as in a swap) and gets Python's usual spacing around new ones.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def _join(words: list[str], spaces: list[str | None]) -> str:
     out = ""
     for i, (word, space) in enumerate(zip(words, spaces)):
         if space is None:  # a token the model put there: the usual Python spacing
-            glue = i == 0 or word in ")]}:,.;" or words[i - 1] in "([{.~" or (word in "([" and _is_word(words[i - 1]))
+            glue = (i == 0 or word in ")]}:,.;" or words[i - 1] in "([{.~" or (word in "([" and _is_word(words[i - 1]))
+                    or (i == 1 and words[0] == "@"))  # a decorator
             space = "" if glue else " "
         out += space + word
     return out
@@ -175,7 +177,7 @@ def decode(tokens: torch.Tensor, grid: Grid) -> str:
         words = [w for w in (_text(t, grid) for t in row if not INDENT <= t < KEYWORD) if w is not None]
         source = grid.lines[r] if r < len(grid.lines) else Line(indent)
         spaces: list[str | None] = [None] * len(words)
-        if words == source.tokens:
+        if len(words) == len(source.tokens):  # the same tokens, or some replaced or swapped: same gaps
             spaces = list(source.spaces)
         else:
             match = difflib.SequenceMatcher(a=source.tokens, b=words, autojunk=False)

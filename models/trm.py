@@ -156,6 +156,15 @@ class SeqMLP(nn.Module):
         return self.mlp(x.transpose(1, 2)).transpose(1, 2)  # (B, D, L) -> (B, L, D)
 
 
+def _extent(used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample of (B, R, C) non-pad flags: rows up to the last used one, columns up to one past
+    the last used one (room for a token the answer inserts), as (B,) counts."""
+    R, C = used.shape[1:]
+    rows = torch.where(used.any(2), torch.arange(1, R + 1, device=used.device), 0).amax(1)
+    cols = torch.where(used.any(1), torch.arange(2, C + 2, device=used.device), 0).amax(1).clamp(max=C)
+    return rows, cols
+
+
 @dataclass
 class GridMasks:
     """Which keys a cell may attend to along its row and its column: non-pad cells, and itself."""
@@ -286,8 +295,7 @@ class TRM(nn.Module):
         (R, C), B, D = self.config.grid_shape, tokens.shape[0], self.config.hidden_size
         grid = tokens.view(B, R, C)
         used = grid != 0
-        rows = torch.where(used.any(2), torch.arange(1, R + 1, device=grid.device), 0).amax(1)  # (B,)
-        cols = torch.where(used.any(1), torch.arange(2, C + 2, device=grid.device), 0).amax(1).clamp(max=C)
+        rows, cols = _extent(used)
         r, c = max(1, int(rows.max())), max(1, int(cols.max()))
         grid, used = grid[:, :r, :c], used[:, :r, :c]
         x = self.embed_scale * (self.embed(grid) + self.pos[:r, None] + self.col_pos[None, :c]) / math.sqrt(2)
@@ -297,14 +305,24 @@ class TRM(nn.Module):
         q = self.q_head((y * weight).sum((1, 2)) / weight.sum((1, 2)).clamp(min=1)).squeeze(-1)
         pad = torch.full((self.config.vocab_size,), -30.0, dtype=y.dtype, device=y.device)
         pad[0] = 0.0  # outside a sample's part: pad, confidently
-        own = ((torch.arange(r, device=y.device) < rows[:, None])[:, :, None]
-               & (torch.arange(c, device=y.device) < cols[:, None])[:, None, :])
+        own = self.answered(tokens).view(B, R, C)[:, :r, :c]
         logits = pad.expand(B, R, C, -1)
         inner = self._answer(y, grid).where(own.unsqueeze(-1), pad)
         logits = torch.cat([torch.cat([inner, logits[:, :r, c:]], 2), logits[:, r:]], 1)
         y_out, z_out = y0.detach().clone(), z0.detach().clone()
         y_out[:, :r, :c], z_out[:, :r, :c] = y.detach(), z.detach()
         return StepOutput(Carry(y_out.view(B, R * C, D), z_out.view(B, R * C, D)), logits.reshape(B, R * C, -1), q)
+
+    def answered(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: the cells this model answers for; the others answer pad by construction
+        (the axial mixer's extent; every cell otherwise). Training's loss counts these."""
+        if self.config.mixer != "axial":
+            return torch.ones_like(tokens, dtype=torch.bool)
+        (R, C), B = self.config.grid_shape, tokens.shape[0]
+        rows, cols = _extent(tokens.view(B, R, C) != 0)
+        inside = ((torch.arange(R, device=tokens.device) < rows[:, None])[:, :, None]
+                  & (torch.arange(C, device=tokens.device) < cols[:, None])[:, None, :])
+        return inside.view(B, R * C)
 
     @torch.inference_mode()
     def refine(self, tokens: torch.Tensor, max_steps: int | torch.Tensor | None = None,

@@ -5,9 +5,9 @@ Each training step is one supervision step (the paper's scheme): the batch's sam
 binary cross-entropy of the halting logit q against "the current answer is entirely right"; a
 sample whose q says halt, or that has had `max_steps` steps, is replaced by a fresh puzzle. Sudoku
 base puzzles (training/sudoku_data.py) are augmented on the fly by sudoku's symmetries; code_repair
-pairs (training/code_repair_data.py) are a fresh corruption of a random function each time, and
-their loss counts only cells that are not padding in the input or the answer. An EMA of the
-weights is what gets evaluated and saved.
+pairs (training/code_repair_data.py) are a fresh corruption of a random function each time; their
+loss counts only the part of the grid the model computes (TRM.answered), plus `changed_weight` times
+the loss on the cells the corruption changed. An EMA of the weights is what gets evaluated and saved.
 
     python -m training.trm --task sudoku --config training/configs/trm_sudoku_cpu.yaml
     python -m training.trm --task code_repair --config training/configs/trm_code_repair_cpu.yaml
@@ -57,6 +57,8 @@ class TrainConfig(BaseModel):
     test_givens: list[int] = Field(default_factory=lambda: [24, 28, 32, 36, 40, 45], min_length=1)
     test_per_givens: int = Field(100, gt=0)
     test_examples: int = Field(500, gt=0, description="code_repair: held-out pairs for test, and for validation.")
+    changed_weight: float = Field(0.0, ge=0, description="Extra loss on the cells whose answer differs from the "
+                                  "input, averaged over them: the repair itself, in code_repair.")
     steps: int = Field(3000, gt=0, description="Optimizer steps, one supervision step each.")
     batch: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -141,7 +143,7 @@ THRESHOLDS = (0.5, 0.9, 0.99, 0.999)
 def calibrate(out_dir: Path, max_loss: float = 0.005, command: str = "") -> dict[str, Any]:
     """Picks the halting threshold: the lowest of THRESHOLDS whose solve rate on validation puzzles
     (neither train nor test) is within `max_loss` of running every step; writes it into the model's
-    config.json and the held-out figures at it into training.json."""
+    config.json and the held-out figures (every step, and halting at it) into training.json."""
     report = json.loads((out_dir / "training.json").read_text())
     cfg = TrainConfig.model_validate(report["config"])
     model = TRM.from_pretrained(out_dir)
@@ -160,7 +162,8 @@ def calibrate(out_dir: Path, max_loss: float = 0.005, command: str = "") -> dict
                              "curve_at_chosen": (tried[threshold]["curve"] if threshold in tried else None),
                              "tried": {str(t): {"solve_rate": r["solve_rate"], "mean_steps": r["mean_steps"]}
                                        for t, r in tried.items()}, "command": command}
-    report["heldout"]["halting"] = task.evaluate(TRM.from_pretrained(out_dir), held)
+    report["heldout"] = {"all_steps": task.evaluate(model, held, halt_threshold=1.0),
+                         "halting": task.evaluate(TRM.from_pretrained(out_dir), held)}
     (out_dir / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     logger.info("halting threshold %s: %s", threshold, json.dumps(report["calibration"]))
     return report
@@ -244,8 +247,11 @@ def train(cfg: TrainConfig, command: str) -> dict[str, Any]:
         model.train()
         out = model(carry, x)
         correct = (out.logits.argmax(-1) == y).all(dim=1)
-        content = (x != 0) | (y != 0)  # every cell of a sudoku; the code grid's lines (0 is padding)
+        content = model.answered(x)  # every cell of a sudoku; of the code grid, the part computed
         loss_y = F.cross_entropy(out.logits[content], y[content])
+        changed = x != y
+        if cfg.changed_weight and changed.any():
+            loss_y = loss_y + cfg.changed_weight * F.cross_entropy(out.logits[changed], y[changed])
         loss_q = F.binary_cross_entropy_with_logits(out.q, correct.float())
         opt.zero_grad(set_to_none=True)
         (loss_y + 0.5 * loss_q).backward()

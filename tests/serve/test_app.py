@@ -13,6 +13,8 @@ import openai
 import pytest
 from PIL import Image
 
+from models import code_grid
+
 SUDOKU = [
     [5, 3, 0, 0, 7, 0, 0, 0, 0],
     [6, 0, 0, 1, 9, 5, 0, 0, 0],
@@ -305,10 +307,10 @@ def test_refine_code_repair_keeps_trm_only_when_its_answer_parses(client):
     attempts = body["switchyard"]["attempts"]
     if body["backend"] == "trm" and not attempts:
         assert body["valid"] is True
-    else:  # trm's answer did not parse: the transformer had its turn, as text
+    elif body["backend"] == "transformer":  # trm's answer did not parse: the transformer had its turn, as text
         assert attempts[0]["backend"] == "trm" and attempts[0]["error"].startswith("answer not kept")
-        # the transformer's repair parses, or none did and trm's, the first, is the answer
-        assert (body["backend"], body["valid"]) in {("transformer", True), ("trm", False)}
+    else:  # no answer parsed: trm's, the first, is the answer, and the transformer's the one not kept
+        assert body["valid"] is False and [a["backend"] for a in attempts] == ["transformer"]
 
 
 def test_code_too_big_for_trm_goes_to_the_transformer_as_text(client):
@@ -327,8 +329,9 @@ def test_code_repair_without_trm_is_a_language_models_job(client):
     r = client.post("/fallback/v1/refine", json={"task": "code_repair", "code": "def f(x)\n    return x"})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["backend"] == "transformer" and not body["switchyard"]["attempts"]
-    assert "as text" in body["switchyard"]["reason"]
+    assert body["backend"] == "transformer" and "as text" in body["switchyard"]["reason"]
+    assert not body["switchyard"]["attempts"]  # its answer is the answer, parsed or not
+    assert body["valid"] is code_grid.is_valid(body["code"])
 
 
 def test_classify_base64_and_multipart(client):

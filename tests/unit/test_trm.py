@@ -310,6 +310,9 @@ def test_axial_computes_a_sample_only_up_to_its_extent():
     answer = out.logits.argmax(-1).view(2, 8, 10)
     # the first sample: rows past its 2nd and columns past its 4th (one spare) answer pad
     assert not answer[0, 2:].any() and not answer[0, :, 4:].any() and not answer[1, 4:].any()
+    answered = model.answered(x).view(2, 8, 10)
+    assert answered[0, :2, :4].all() and answered.sum(dim=(1, 2)).tolist() == [2 * 4, 4 * 6]
+    assert tiny().answered(puzzles(2)).all()
     # cells no sample reaches keep their carry
     torch.testing.assert_close(out.carry.y.view(2, 8, 10, -1)[:, 4:], carry.y.view(2, 8, 10, -1)[:, 4:])
     out.logits.sum().backward()

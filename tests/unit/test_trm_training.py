@@ -88,8 +88,8 @@ def test_committed_default_reproduces_its_reported_figures():
 
 def test_code_pairs_are_broken_functions_whose_answer_is_the_original():
     rng = random.Random(0)
-    sources = [f for text in corpus.texts("train", limit=5) for f in code_repair_data.definitions(text)]
-    pairs = [p for p in (code_repair_data.make_pair(f, rng) for f in sources[:40]) if p is not None]
+    sources = [f for text in corpus.texts("train", limit=12) for f in code_repair_data.definitions(text)]
+    pairs = [p for p in (code_repair_data.make_pair(f, rng) for f in sources[:100]) if p is not None]
     assert len(pairs) >= 20 and {p.corruption for p in pairs} <= set(corpus.CORRUPTIONS)
     for p in pairs:
         assert code_grid.is_valid(p.source) and not code_grid.is_valid(p.broken)
@@ -126,3 +126,14 @@ def test_short_code_repair_training_run(tmp_path):
     halting = report["heldout"]["halting"]
     assert sum(row["n"] for row in halting["curve"].values()) == 6
     assert set(halting) == {"curve", "solve_rate", "valid_rate", "mean_steps"}
+
+
+def test_committed_code_repair_default_reproduces_its_reported_figures():
+    """The swapped_tokens row of tiny-trm-code's held-out evaluation, recomputed from the committed weights."""
+    report = json.loads((TRAINED_DIR / "tiny-trm-code" / "training.json").read_text())
+    model = TRM.from_pretrained(TRAINED_DIR / "tiny-trm-code")
+    assert report["parameters"] == model.num_parameters() and report["task"] == "code_repair"
+    cfg = trm.TrainConfig.model_validate(report["config"])
+    pairs = [p for p in code_repair_data.heldout("test", cfg.test_examples, cfg.seed) if p.corruption == "swapped_tokens"]
+    got = trm.evaluate_code(model, pairs, halt_threshold=1.0)["curve"]["swapped_tokens"]
+    assert got == report["heldout"]["all_steps"]["curve"]["swapped_tokens"]
