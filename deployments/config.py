@@ -116,6 +116,10 @@ class RouterConfig(Strict):
     max_tokens: int = Field(1024, gt=0, description="Largest max_tokens a request may ask for (400 above).")
     default_max_tokens: int = Field(256, gt=0, description="max_tokens of a request that names none.")
     routing_log_size: int = Field(1000, gt=0, description="Decisions kept for GET /v1/routing/log.")
+    routing_log_path: str | None = Field(
+        None, description="Also append every routing log entry to this file as a JSON line (opened in append "
+        "mode, one write a line, so router replicas may share it)."
+    )
     unhealthy_after: int = Field(
         3, gt=0, description="Consecutive failed calls after which the router avoids a backend for a cooldown."
     )

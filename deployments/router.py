@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -279,6 +280,11 @@ class Router:
         self.unhealthy_until = {b.name: 0.0 for b in cfg.backends}
         self.failures = {b.name: 0 for b in cfg.backends}  # consecutive failed calls
         self.log: deque[dict[str, Any]] = deque(maxlen=cfg.router.routing_log_size)
+        self.log_sink = None
+        if cfg.router.routing_log_path is not None:
+            path = Path(cfg.router.routing_log_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_sink = path.open("a", encoding="utf-8", buffering=1)  # line-buffered: a write a line
         self.started = now()
         from transformers import AutoTokenizer  # the router process needs it only here
 
@@ -420,13 +426,20 @@ class Router:
 
     def _record(self, endpoint: str, out: _Outcome | None, status: int, started: float, request_id: str) -> None:
         d = out.decision if out else None
-        self.log.append({
+        entry = {
             "time": time.time(), "request_id": request_id, "endpoint": endpoint, "status": status,
             "task": d.task if d else None, "task_source": d.task_source if d else None,
             "chosen": d.backend if d else None, "backend": out.served_by if out else None,
             "fallback": out.fallback if out else False, "attempts": [asdict(a) for a in out.attempts] if out else [],
-            "reason": d.reason if d else None, "degraded": out.degraded if out else None, "latency_ms": round((time.perf_counter() - started) * 1e3, 2),
-        })
+            "reason": d.reason if d else None, "degraded": out.degraded if out else None,
+            "latency_ms": round((time.perf_counter() - started) * 1e3, 2),
+        }
+        self.log.append(entry)
+        if self.log_sink is not None:
+            try:
+                self.log_sink.write(json.dumps(entry) + "\n")
+            except OSError as exc:  # a full disk must not fail the request
+                logger.warning("routing log sink %s: %s", self.cfg.router.routing_log_path, exc)
 
     async def _served(self, endpoint: str, request: Request, decide: Callable[[], _Outcome],
                       run: Callable[[_Outcome, float], Any]) -> Any:
@@ -579,9 +592,23 @@ class Router:
             return {"health": f"unreachable: {type(exc).__name__}"}
 
     @app.get("/v1/routing/log")
-    async def routing_log(self, limit: int = Query(100, ge=1, le=10_000)):
-        entries = list(self.log)[-limit:]
-        return {"object": "list", "data": entries[::-1]}
+    async def routing_log(self, limit: int = Query(100, ge=1, le=10_000),
+                          backend: str | None = Query(None, description="Chosen or served by this backend."),
+                          reason: str | None = Query(None, description="Words in the reason, any case."),
+                          since: float | None = Query(None, ge=0, description="Unix time: entries at or after it.")):
+        """The latest decisions first, filtered."""
+        data = []
+        for entry in reversed(self.log):
+            if since is not None and entry["time"] < since:
+                break  # entries are in time order
+            if backend is not None and backend not in (entry["backend"], entry["chosen"]):
+                continue
+            if reason is not None and reason.lower() not in (entry["reason"] or "").lower():
+                continue
+            data.append(entry)
+            if len(data) == limit:
+                break
+        return {"object": "list", "data": data}
 
     @app.get("/healthz")
     async def healthz(self):

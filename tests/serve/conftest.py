@@ -1,7 +1,8 @@
 """One real Ray Serve instance per test session, with the app on the embedded tiny models.
 
 Two applications: `switchyard` at / (serve_config.yaml's args) and `fallback` at /fallback,
-the same app whose mamba backend fails every call (routed by score, so long prompts go to mamba first).
+the same app whose mamba backend fails every call (routed by score, so long prompts go to mamba first),
+with only the language models, and with a durable routing log (`routing_log_path`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ def app_args() -> dict:
 
 
 @pytest.fixture(scope="session")
-def server() -> str:
+def routing_log_path(tmp_path_factory) -> Path:
+    """The `fallback` app's durable routing log."""
+    return tmp_path_factory.mktemp("router") / "routing.jsonl"
+
+
+@pytest.fixture(scope="session")
+def server(routing_log_path: Path) -> str:
     import ray
     from ray import serve
 
@@ -42,6 +49,7 @@ def server() -> str:
     broken = copy.deepcopy(args)
     broken["backends"] = [b for b in broken["backends"] if b["kind"] == "lm"]
     broken["routing"]["strategy"] = "score"  # mamba first for long prompts, whatever the measured costs
+    broken["router"]["routing_log_path"] = str(routing_log_path)
     for b in broken["backends"]:
         if b["name"] == "mamba":
             b["engine"] = "tests.serve.engines:FailingEngine"

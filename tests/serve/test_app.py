@@ -359,6 +359,28 @@ def test_routing_log_records_decisions(client):
     assert last["reason"] and last["latency_ms"] > 0
 
 
+def test_routing_log_filters(client):
+    since = time.time()
+    client.post("/v1/refine", json={"task": "sudoku", "grid": SUDOKU, "max_steps": 1})
+    client.post("/v1/chat/completions", json=chat("filter me", max_tokens=2))
+    log = lambda **params: client.get("/v1/routing/log", params=params).json()["data"]  # noqa: E731
+    assert [e["endpoint"] for e in log(since=since)] == ["chat", "refine"]
+    assert [e["endpoint"] for e in log(since=since, backend="trm")] == ["refine"]
+    assert [e["endpoint"] for e in log(since=since, reason="PUZZLE_SOLVING")] == ["refine"]
+    assert log(since=time.time() + 60) == [] and len(log(limit=1)) == 1
+    assert_openai_error(client.get("/v1/routing/log", params={"since": -1}), 400)
+
+
+def test_routing_log_sink_gets_every_entry_as_a_json_line(client, routing_log_path):
+    r = client.post("/fallback/v1/chat/completions", json=chat("to the file", max_tokens=2),
+                    headers={"x-request-id": "req-sink-test"})
+    assert r.status_code == 200, r.text
+    lines = [json.loads(line) for line in routing_log_path.read_text().splitlines()]
+    mine = [e for e in lines if e["request_id"] == "req-sink-test"]
+    assert len(mine) == 1 and mine[0]["status"] == 200 and mine[0]["backend"] == "transformer"
+    assert "req-sink-test" not in client.get("/v1/routing/log").text  # the other app's log
+
+
 # --- the official openai client -------------------------------------------------------
 
 
