@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.serve import metrics
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
@@ -297,15 +298,31 @@ class Router:
             return len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
 
         self.count_tokens = count_tokens
+        # Ray Serve's metrics API: on Ray's Prometheus endpoint as ray_switchyard_router_*, with
+        # Serve's application, deployment and replica tags added.
+        self.m_requests = metrics.Counter("switchyard_router_requests", tag_keys=("endpoint", "backend", "status"),
+                                          description="Requests answered, by endpoint, serving backend and status.")
+        self.m_decisions = metrics.Counter("switchyard_router_decisions", tag_keys=("task", "source", "backend"),
+                                           description="Routing decisions: task, how it was inferred, first choice.")
+        self.m_fallbacks = metrics.Counter("switchyard_router_fallbacks", tag_keys=("endpoint", "backend"),
+                                           description="Calls that moved on to the next candidate, by the backend left.")
+        self.m_decide = metrics.Histogram("switchyard_router_decision_seconds", description="Time to decide a route.",
+                                          boundaries=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2])
+        self.m_unhealthy = metrics.Gauge("switchyard_router_backend_unhealthy", tag_keys=("backend",),
+                                         description="1 while the router avoids a backend after failures, else 0.")
         self.label_adapters = {b.name: b.label_adapters for b in cfg.backends if b.kind == "classifier"}
 
     # --- decision -------------------------------------------------------------------
 
     def _decide(self, f: Features, as_text: Features | None = None) -> Decision:
-        t = time.monotonic()
+        start, t = time.perf_counter(), time.monotonic()
         for name, state in self.states.items():
             state.healthy = t >= self.unhealthy_until[name]
-        return self.policy.decide(f, self.states, as_text)
+        decision = self.policy.decide(f, self.states, as_text)
+        self.m_decide.observe(time.perf_counter() - start)
+        self.m_decisions.inc(tags={"task": decision.task, "source": decision.task_source.split(":")[0],
+                                   "backend": decision.backend})
+        return decision
 
     def _features(self, endpoint: str, body: ChatCompletionRequest | CompletionRequest) -> Features:
         if isinstance(body, ChatCompletionRequest):
@@ -435,6 +452,12 @@ class Router:
             "latency_ms": round((time.perf_counter() - started) * 1e3, 2),
         }
         self.log.append(entry)
+        self.m_requests.inc(tags={"endpoint": endpoint, "backend": entry["backend"] or "none", "status": str(status)})
+        for attempt in out.attempts if out else ():
+            self.m_fallbacks.inc(tags={"endpoint": endpoint, "backend": attempt.backend})
+        t = time.monotonic()
+        for name, until in self.unhealthy_until.items():
+            self.m_unhealthy.set(float(t < until), tags={"backend": name})
         if self.log_sink is not None:
             try:
                 self.log_sink.write(json.dumps(entry) + "\n")

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from ray import serve
+from ray.serve import metrics
 
 from deployments.config import TRMBackend
 from deployments.protocol import Failure, as_value
@@ -32,6 +33,10 @@ class TRMServer:
             batched.set_max_batch_size(cfg.max_batch_size)
             batched.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
         self.batches = 0
+        self.m_steps = metrics.Histogram("switchyard_trm_steps", tag_keys=("task",), boundaries=[1, 2, 4, 8, 16, 32, 64],
+                                         description="Supervision steps a refined sample ran.")
+        self.m_batch = metrics.Histogram("switchyard_trm_batch_size", tag_keys=("task",),
+                                         boundaries=[1, 2, 4, 8, 16, 32], description="Samples refined together.")
 
     async def refine(self, payload: dict[str, Any]) -> dict[str, Any] | Failure:
         return await as_value(self._refine(payload))
@@ -74,11 +79,18 @@ class TRMServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _sudoku(self, jobs: list[Job]) -> list[Job]:
-        return await asyncio.to_thread(self._run, "sudoku", jobs)
+        return await self._measured("sudoku", jobs)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _code(self, jobs: list[Job]) -> list[Job]:
-        return await asyncio.to_thread(self._run, "code_repair", jobs)
+        return await self._measured("code_repair", jobs)
+
+    async def _measured(self, task: str, jobs: list[Job]) -> list[Job]:
+        results = await asyncio.to_thread(self._run, task, jobs)
+        self.m_batch.observe(len(jobs), tags={"task": task})
+        for _, steps, _ in results:
+            self.m_steps.observe(steps, tags={"task": task})
+        return results
 
     def _run(self, task: str, jobs: list[Job]) -> list[Job]:
         self.batches += 1

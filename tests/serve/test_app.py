@@ -71,14 +71,52 @@ def test_models_lists_every_backend_with_its_engine(client):
     assert all(data[n]["switchyard"]["health"] == "ok" for n in ("mamba", "transformer", "trm", "dinov2"))
 
 
-def test_lm_replicas_export_their_kernel_path_as_a_metric(server):
-    """Ray's metrics agent serves what the replicas set (pushed every few seconds: poll)."""
+def scrape() -> str:
+    """Ray's Prometheus endpoint: what the replicas set, pushed every few seconds (poll)."""
     import ray
 
     port = ray._private.worker._global_node.metrics_export_port
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def series(text: str, name: str, **tags: str) -> float | None:
+    """The sum of `name`'s samples of the switchyard app whose labels include `tags`; None if none."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name + "{") and 'application="switchyard"' in line
+              and all(f'{k}="{v}"' in line for k, v in tags.items())]
+    return sum(values) if values else None
+
+
+def test_router_and_trm_metrics_count_the_traffic(client):
+    requests = "ray_switchyard_router_requests_total"
+    tags = {"endpoint": "refine", "backend": "trm", "status": "200"}
+    text = scrape()
+    before = series(text, requests, **tags) or 0
+    steps_before = series(text, "ray_switchyard_trm_steps_count", task="sudoku") or 0
+    two_before = series(text, "ray_switchyard_trm_steps_bucket", task="sudoku", le="2.0") or 0
+    for _ in range(3):
+        assert client.post("/v1/refine", json={"task": "sudoku", "grid": SUDOKU, "max_steps": 2}).status_code == 200
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = scrape()
+        if (series(text, requests, **tags) or 0) - before >= 3 and \
+                (series(text, "ray_switchyard_trm_steps_count", task="sudoku") or 0) - steps_before >= 3:
+            break
+        time.sleep(2)
+    assert series(text, requests, **tags) - before == 3
+    assert series(text, "ray_switchyard_trm_steps_count", task="sudoku") - steps_before == 3
+    assert series(text, "ray_switchyard_trm_steps_bucket", task="sudoku", le="2.0") - two_before == 3  # max_steps 2
+    assert series(text, "ray_switchyard_router_decisions_total", task="puzzle_solving", source="explicit",
+                  backend="trm") >= 3
+    assert series(text, "ray_switchyard_router_decision_seconds_count") >= 3
+    assert series(text, "ray_switchyard_router_backend_unhealthy", backend="trm") == 0
+    assert series(text, "ray_switchyard_trm_batch_size_count", task="sudoku") >= 1
+
+
+def test_lm_replicas_export_their_kernel_path_as_a_metric(server):
     deadline, lines = time.monotonic() + 60, []
     while time.monotonic() < deadline:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        text = scrape()
         lines = [x for x in text.splitlines() if x.startswith("ray_switchyard_lm_engine{") and
                  'application="switchyard"' in x]
         if len(lines) >= 2:
