@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
+
+from ray.serve import metrics
 
 from deployments.config import ClassifierBackend
 from deployments.protocol import Failure, as_value
@@ -17,9 +20,15 @@ class ClassifierServer:
         self.cfg = cfg
         self.model = ImageClassifier.from_pretrained(resolve_model(cfg.model), device=cfg.device,
                                                      backbone=cfg.backbone)
+        self.m_latency = metrics.Histogram("switchyard_classifier_seconds", description="Decode and classify one image.",
+                                           boundaries=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0])
 
     async def classify(self, data: bytes) -> dict[str, Any] | Failure:
-        return await as_value(asyncio.to_thread(self._classify, data))
+        start = time.perf_counter()
+        result = await as_value(asyncio.to_thread(self._classify, data))
+        if not isinstance(result, Failure):
+            self.m_latency.observe(time.perf_counter() - start)
+        return result
 
     def _classify(self, data: bytes) -> dict[str, Any]:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
@@ -18,6 +19,7 @@ from training.defaults import resolve_model
 
 logger = logging.getLogger(__name__)
 
+LATENCY_BUCKETS = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
 # Imported when named: vllm is an optional extra.
 ENGINES = {"hf": "models.hf_engine:HFEngine", "vllm": "models.vllm_engine:VLLMEngine"}
 
@@ -51,14 +53,34 @@ class LMServer:
         self.engine_gauge = metrics.Gauge(
             "switchyard_lm_engine", tag_keys=("engine", "architecture", "kernel", "device"),
             description="Engine, architecture, kernel path and device of an LM replica (value 1).")
-        self.engine_gauge.set(1, tags={"engine": str(info.get("engine")), "architecture": str(info.get("architecture")),
-                                       "kernel": str(info.get("kernel") or "none"), "device": str(info.get("device"))})
+        self.engine_tags = {"engine": str(info.get("engine")), "architecture": str(info.get("architecture")),
+                            "kernel": str(info.get("kernel") or "none"), "device": str(info.get("device"))}
+        self.engine_gauge.set(1, tags=self.engine_tags)
+
+        self.m_ttft = metrics.Histogram("switchyard_lm_ttft_seconds", boundaries=LATENCY_BUCKETS,
+                                        description="Time to the first streamed text of a request.")
+        self.m_itl = metrics.Histogram("switchyard_lm_inter_token_seconds", boundaries=LATENCY_BUCKETS,
+                                       description="Time between streamed pieces of text.")
+        self.m_tps = metrics.Histogram("switchyard_lm_tokens_per_second", boundaries=[1, 3, 10, 30, 100, 300, 1000],
+                                       description="Completion tokens over the request's time, per request.")
 
     async def generate(self, request: GenerationRequest) -> Completion | Failure:
-        return await as_value(self.engine.generate(request))
+        start = time.perf_counter()
+        result = await as_value(self.engine.generate(request))
+        if isinstance(result, Completion) and result.completion_tokens:
+            self.m_tps.observe(result.completion_tokens / (time.perf_counter() - start))
+        return result
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta | Failure]:
+        start = last = time.perf_counter()
+        first = True
         async for item in stream_values(self.engine.stream(request)):
+            if isinstance(item, Delta) and item.text:
+                now = time.perf_counter()
+                (self.m_ttft if first else self.m_itl).observe(now - last)
+                first, last = False, now
+            if isinstance(item, Delta) and item.finish_reason is not None and item.completion_tokens:
+                self.m_tps.observe(item.completion_tokens / (time.perf_counter() - start))
             yield item
 
     async def info(self) -> dict[str, Any]:
@@ -66,6 +88,9 @@ class LMServer:
 
     async def check_health(self) -> None:
         await self.engine.check_health()
+        # again at every health check: a gauge set once at start went missing from a later scrape
+        # in the serve tests
+        self.engine_gauge.set(1, tags=self.engine_tags)
 
     async def __call__(self, request: Request) -> dict[str, Any]:
         """HTTP straight to this backend, when it is deployed as an app's ingress (bench.router_overhead):

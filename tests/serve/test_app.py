@@ -113,6 +113,29 @@ def test_router_and_trm_metrics_count_the_traffic(client):
     assert series(text, "ray_switchyard_trm_batch_size_count", task="sudoku") >= 1
 
 
+def test_backends_export_latency_metrics(client):
+    names = {"ray_switchyard_lm_ttft_seconds_count": {"deployment": "transformer"},
+             "ray_switchyard_lm_inter_token_seconds_count": {"deployment": "transformer"},
+             "ray_switchyard_lm_tokens_per_second_count": {"deployment": "transformer"},
+             "ray_switchyard_classifier_seconds_count": {"deployment": "dinov2"}}
+    text = scrape()
+    before = {n: series(text, n, **tags) or 0 for n, tags in names.items()}
+    with client.stream("POST", "/v1/chat/completions",
+                       json=chat("stream me", model="transformer", stream=True, max_tokens=6, ignore_eos=True)) as r:
+        assert r.status_code == 200 and sum(1 for _ in r.iter_lines()) > 0
+    assert client.post("/v1/classify", json={"image": base64.b64encode(png()).decode()}).status_code == 200
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = scrape()
+        grown = {n: (series(text, n, **tags) or 0) - before[n] for n, tags in names.items()}
+        if all(v >= 1 for v in grown.values()):
+            break
+        time.sleep(2)
+    assert grown["ray_switchyard_lm_ttft_seconds_count"] == 1 and grown["ray_switchyard_classifier_seconds_count"] == 1
+    assert grown["ray_switchyard_lm_inter_token_seconds_count"] >= 1, grown  # 6 tokens, several pieces
+    assert grown["ray_switchyard_lm_tokens_per_second_count"] == 1, grown
+
+
 def test_lm_replicas_export_their_kernel_path_as_a_metric(server):
     deadline, lines = time.monotonic() + 60, []
     while time.monotonic() < deadline:
