@@ -131,7 +131,7 @@ def main() -> None:
 
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": 8765})
-    serve.run(build_app(raw), name="switchyard", route_prefix="/")
+    serve.run(build_app(cfg.model_dump()), name="switchyard", route_prefix="/")
     transformer = next(b for b in cfg.backends if b.name == "transformer")
     direct = serve.deployment(LMServer, name="direct", **transformer.deployment.options())
     serve.run(direct.bind(transformer), name="direct", route_prefix="/direct")

@@ -308,6 +308,7 @@ class Router:
                                            description="Calls that moved on to the next candidate, by the backend left.")
         self.m_decide = metrics.Histogram("switchyard_router_decision_seconds", description="Time to decide a route.",
                                           boundaries=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2])
+        self.unhealthy_shown: dict[str, float] = {}
         self.m_unhealthy = metrics.Gauge("switchyard_router_backend_unhealthy", tag_keys=("backend",),
                                          description="1 while the router avoids a backend after failures, else 0.")
         self.label_adapters = {b.name: b.label_adapters for b in cfg.backends if b.kind == "classifier"}
@@ -456,8 +457,10 @@ class Router:
         for attempt in out.attempts if out else ():
             self.m_fallbacks.inc(tags={"endpoint": endpoint, "backend": attempt.backend})
         t = time.monotonic()
-        for name, until in self.unhealthy_until.items():
-            self.m_unhealthy.set(float(t < until), tags={"backend": name})
+        for name, until in self.unhealthy_until.items():  # set when it changes: a set costs microseconds
+            if (value := float(t < until)) != self.unhealthy_shown.get(name):
+                self.m_unhealthy.set(value, tags={"backend": name})
+                self.unhealthy_shown[name] = value
         if self.log_sink is not None:
             try:
                 self.log_sink.write(json.dumps(entry) + "\n")
