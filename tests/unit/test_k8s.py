@@ -1,5 +1,6 @@
 """k8s manifests are tested artefacts: valid against the KubeRay CRDs, and serving the repo's config."""
 
+import json
 from pathlib import Path
 
 import jsonschema
@@ -16,35 +17,69 @@ def crd_schema(kind: str) -> dict:
     return version["schema"]["openAPIV3Schema"]
 
 
-@pytest.fixture(scope="module")
-def manifest() -> dict:
-    return yaml.safe_load((ROOT / "k8s" / "rayservice-cpu.yaml").read_text())
+PAIRS = {"rayservice-cpu.yaml": "serve_config.yaml", "rayservice-gpu.yaml": "serve_config.gpu.yaml"}
+
+
+@pytest.fixture(scope="module", params=sorted(PAIRS))
+def manifest(request) -> dict:
+    return {**yaml.safe_load((ROOT / "k8s" / request.param).read_text()), "_serve_config": PAIRS[request.param]}
+
+
+def _groups(manifest: dict) -> list[dict]:
+    cluster = manifest["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
 
 
 @pytest.mark.skipif(not CRDS.exists(), reason="../shared/kuberay not beside the checkout")
 def test_rayservice_matches_the_crd(manifest):
-    jsonschema.validate(manifest, crd_schema(manifest["kind"]))
+    jsonschema.validate({k: v for k, v in manifest.items() if k != "_serve_config"}, crd_schema(manifest["kind"]))
 
 
 def test_serve_config_is_the_repos(manifest):
     embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
-    repo = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    repo = yaml.safe_load((ROOT / manifest["_serve_config"]).read_text())
     assert embedded["applications"] == repo["applications"]
+
+
+def test_custom_resources_asked_for_are_started_with_room(manifest):
+    """Each custom resource the deployments ask for is started on a worker group (KubeRay's quoted
+    JSON in rayStartParams.resources) with room for all of them on one node of that group."""
+    asked: dict[str, float] = {}
+    for app in yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]:
+        for b in app["args"]["backends"]:
+            for name, amount in b["deployment"].get("ray_actor_options", {}).get("resources", {}).items():
+                asked[name] = asked.get(name, 0) + amount * b["deployment"].get("num_replicas", 1)
+    started: dict[str, float] = {}
+    for group in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        if raw := group["rayStartParams"].get("resources"):
+            for name, amount in json.loads(json.loads(raw)).items():
+                started[name] = max(started.get(name, 0), amount)
+    assert set(asked) <= set(started), (asked, started)
+    assert all(asked[n] <= started[n] for n in asked), (asked, started)
+
+
+def test_gpu_groups_request_and_limit_gpus(manifest):
+    for group in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        gpus = group["rayStartParams"].get("num-gpus")
+        for container in group["template"]["spec"]["containers"]:
+            res = container["resources"]
+            if gpus is not None:
+                assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == gpus, group["groupName"]
+            else:
+                assert "nvidia.com/gpu" not in res.get("limits", {}), group["groupName"]
 
 
 def test_head_takes_no_serve_work(manifest):
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
-    images = [c["image"] for c in head["template"]["spec"]["containers"]]
+    images = [c["image"] for g in _groups(manifest) for c in g["template"]["spec"]["containers"]]
     assert all(":" in i and not i.endswith(":latest") for i in images)
 
 
 def test_serve_env_is_set_where_ray_starts(manifest):
     from deployments.serve_env import SERVE_ENV
 
-    groups = [manifest["spec"]["rayClusterConfig"]["headGroupSpec"],
-              *manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
-    for group in groups:
+    for group in _groups(manifest):
         for container in group["template"]["spec"]["containers"]:
             env = {e["name"]: e["value"] for e in container.get("env", [])}
             assert SERVE_ENV.items() <= env.items(), container["name"]
