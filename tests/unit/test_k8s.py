@@ -85,3 +85,17 @@ def test_serve_env_is_set_where_ray_starts(manifest):
             assert SERVE_ENV.items() <= env.items(), container["name"]
     makefile = (ROOT / "Makefile").read_text()
     assert "SERVE_ENV := " + " ".join(f"{k}={v}" for k, v in SERVE_ENV.items()) in makefile
+
+
+def test_grafana_dashboard_shows_only_metrics_the_code_records():
+    """Every series a panel queries is one that deployments/ defines (Ray adds the ray_ prefix and
+    Prometheus the _total, _bucket, _sum and _count suffixes), and every metric has a panel."""
+    import re
+
+    dashboard = json.loads((ROOT / "k8s" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queried = {re.sub(r"_(total|bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"ray_(switchyard_\w+)", e)}
+    code = "".join(p.read_text() for p in (ROOT / "deployments").glob("*.py"))
+    defined = set(re.findall(r'metrics\.\w+\(\s*"(switchyard_\w+)"', code))
+    assert defined and queried == defined, (queried - defined, defined - queried)
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
