@@ -61,6 +61,14 @@ class LMServer:
                                         description="Time to the first streamed text of a request.")
         self.m_itl = metrics.Histogram("switchyard_lm_inter_token_seconds", boundaries=LATENCY_BUCKETS,
                                        description="Time between streamed pieces of text.")
+        # the engine's own counters, read at each health check (every deployment.health_check_period_s)
+        self.m_queue = metrics.Gauge("switchyard_lm_queue_depth", description="Requests waiting for the engine.")
+        self.m_running = metrics.Gauge("switchyard_lm_running", description="Requests the engine is generating "
+                                       "(the current batch, for the hf engine).")
+        self.m_acceptance = metrics.Gauge("switchyard_lm_speculation_acceptance",
+                                          description="Accepted over proposed speculative tokens since start.")
+        self.m_batches = metrics.Counter("switchyard_lm_batches", description="Batches the engine has run.")
+        self.batches_seen = 0
         self.m_tps = metrics.Histogram("switchyard_lm_tokens_per_second", boundaries=[1, 3, 10, 30, 100, 300, 1000],
                                        description="Completion tokens over the request's time, per request.")
 
@@ -91,6 +99,14 @@ class LMServer:
         # again at every health check: a gauge set once at start went missing from a later scrape
         # in the serve tests
         self.engine_gauge.set(1, tags=self.engine_tags)
+        info = self.engine.info()  # keys an engine lacks (vLLM keeps its own metrics) are skipped
+        for gauge, key in ((self.m_queue, "waiting"), (self.m_running, "running"),
+                           (self.m_acceptance, "speculation_acceptance")):
+            if isinstance(info.get(key), (int, float)):
+                gauge.set(float(info[key]))
+        if isinstance(batches := info.get("batches"), int) and batches > self.batches_seen:
+            self.m_batches.inc(batches - self.batches_seen)
+            self.batches_seen = batches
 
     async def __call__(self, request: Request) -> dict[str, Any]:
         """HTTP straight to this backend, when it is deployed as an app's ingress (bench.router_overhead):

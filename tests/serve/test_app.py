@@ -136,15 +136,21 @@ def test_backends_export_latency_metrics(client):
     assert grown["ray_switchyard_lm_tokens_per_second_count"] == 1, grown
 
 
-def test_lm_replicas_export_their_kernel_path_as_a_metric(server):
+def test_lm_replicas_export_their_kernel_path_as_a_metric(client):
+    assert client.post("/v1/completions", json={"model": "transformer", "prompt": "x", "max_tokens": 2}).status_code == 200
     deadline, lines = time.monotonic() + 60, []
     while time.monotonic() < deadline:
         text = scrape()
         lines = [x for x in text.splitlines() if x.startswith("ray_switchyard_lm_engine{") and
                  'application="switchyard"' in x]
-        if len(lines) >= 2:
+        batches = series(text, "ray_switchyard_lm_batches_total", deployment="transformer")
+        if len(lines) >= 2 and batches:
             break
         time.sleep(2)
+    # the engine's counters, exported at health checks (every 10 s)
+    assert batches >= 1 and series(text, "ray_switchyard_lm_queue_depth", deployment="transformer") == 0
+    assert series(text, "ray_switchyard_lm_running", deployment="mamba") is not None
+    assert 0 <= series(text, "ray_switchyard_lm_speculation_acceptance", deployment="transformer") <= 1
     mamba = [x for x in lines if 'deployment="mamba"' in x]
     transformer = [x for x in lines if 'deployment="transformer"' in x]
     assert mamba and 'kernel="reference"' in mamba[0] and 'architecture="mamba"' in mamba[0], lines
