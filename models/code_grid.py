@@ -149,12 +149,16 @@ def _text(token: int, grid: Grid) -> str | None:
     return table[i] if 0 <= i < len(table) and token >= NAME else None
 
 
+_NO_SPACE_BEFORE = frozenset(")]}:,.;")
+_NO_SPACE_AFTER = frozenset("([{.~")  # and "@" opening a decorator, "(" and "[" after a name (a call, an index)
+
+
 def _join(words: list[str], spaces: list[str | None]) -> str:
     out = ""
     for i, (word, space) in enumerate(zip(words, spaces)):
         if space is None:  # a token the model put there: the usual Python spacing
-            glue = (i == 0 or word in ")]}:,.;" or words[i - 1] in "([{.~" or (word in "([" and _is_word(words[i - 1]))
-                    or (i == 1 and words[0] == "@"))  # a decorator
+            glue = (i == 0 or word in _NO_SPACE_BEFORE or words[i - 1] in _NO_SPACE_AFTER
+                    or (word in ("(", "[") and _is_word(words[i - 1])) or (i == 1 and words[0] == "@"))
             space = "" if glue else " "
         out += space + word
     return out

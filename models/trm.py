@@ -165,6 +165,12 @@ def _extent(used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, cols
 
 
+def _inside(rows: torch.Tensor, cols: torch.Tensor, R: int, C: int) -> torch.Tensor:
+    """(B, R, C) bool: the cells within each sample's `_extent`."""
+    return ((torch.arange(R, device=rows.device) < rows[:, None])[:, :, None]
+            & (torch.arange(C, device=cols.device) < cols[:, None])[:, None, :])
+
+
 @dataclass
 class GridMasks:
     """Which keys a cell may attend to along its row and its column: non-pad cells, and itself."""
@@ -305,10 +311,9 @@ class TRM(nn.Module):
         q = self.q_head((y * weight).sum((1, 2)) / weight.sum((1, 2)).clamp(min=1)).squeeze(-1)
         pad = torch.full((self.config.vocab_size,), -30.0, dtype=y.dtype, device=y.device)
         pad[0] = 0.0  # outside a sample's part: pad, confidently
-        own = self.answered(tokens).view(B, R, C)[:, :r, :c]
-        logits = pad.expand(B, R, C, -1)
-        inner = self._answer(y, grid).where(own.unsqueeze(-1), pad)
-        logits = torch.cat([torch.cat([inner, logits[:, :r, c:]], 2), logits[:, r:]], 1)
+        own = _inside(rows, cols, r, c).unsqueeze(-1)
+        logits = pad.expand(B, R, C, -1).clone()
+        logits[:, :r, :c] = self._answer(y, grid).where(own, pad)
         y_out, z_out = y0.detach().clone(), z0.detach().clone()
         y_out[:, :r, :c], z_out[:, :r, :c] = y.detach(), z.detach()
         return StepOutput(Carry(y_out.view(B, R * C, D), z_out.view(B, R * C, D)), logits.reshape(B, R * C, -1), q)
@@ -319,10 +324,7 @@ class TRM(nn.Module):
         if self.config.mixer != "axial":
             return torch.ones_like(tokens, dtype=torch.bool)
         (R, C), B = self.config.grid_shape, tokens.shape[0]
-        rows, cols = _extent(tokens.view(B, R, C) != 0)
-        inside = ((torch.arange(R, device=tokens.device) < rows[:, None])[:, :, None]
-                  & (torch.arange(C, device=tokens.device) < cols[:, None])[:, None, :])
-        return inside.view(B, R * C)
+        return _inside(*_extent(tokens.view(B, R, C) != 0), R, C).view(B, R * C)
 
     @torch.inference_mode()
     def refine(self, tokens: torch.Tensor, max_steps: int | torch.Tensor | None = None,
