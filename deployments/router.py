@@ -160,16 +160,14 @@ def _for(out: _Outcome, name: str, arg: Any) -> Any:
     return arg
 
 
-def _refined(result: dict[str, Any] | Completion) -> dict[str, Any]:
-    """A refine answer; a language model's repair (a Completion) in the same shape as trm's."""
-    if isinstance(result, Completion):
-        return {"code": result.text, "valid": code_grid.is_valid(result.text), "steps": None, "confidence": None,
-                "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason}
-    return result
+def _repair_from(result: Completion) -> dict[str, Any]:
+    """A language model's code repair in the shape of trm's answer."""
+    return {"code": result.text, "valid": code_grid.is_valid(result.text), "steps": None, "confidence": None,
+            "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason}
 
 
-def _unparsed(result: dict[str, Any] | Completion) -> str | None:
-    return None if _refined(result)["valid"] else "the repaired code does not parse"
+def _unparsed(result: dict[str, Any]) -> str | None:
+    return None if result["valid"] else "the repaired code does not parse"
 
 
 def _ascii(s: str) -> str:
@@ -308,7 +306,7 @@ class Router:
                                            description="Calls that moved on to the next candidate, by the backend left.")
         self.m_decide = metrics.Histogram("switchyard_router_decision_seconds", description="Time to decide a route.",
                                           boundaries=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2])
-        self.unhealthy_shown: dict[str, float] = {}
+        self.unhealthy_shown: dict[str, bool] = {}  # backend -> healthy, as the gauge last said
         self.m_unhealthy = metrics.Gauge("switchyard_router_backend_unhealthy", tag_keys=("backend",),
                                          description="1 while the router avoids a backend after failures, else 0.")
         self.label_adapters = {b.name: b.label_adapters for b in cfg.backends if b.kind == "classifier"}
@@ -319,6 +317,9 @@ class Router:
         start, t = time.perf_counter(), time.monotonic()
         for name, state in self.states.items():
             state.healthy = t >= self.unhealthy_until[name]
+            if self.unhealthy_shown.get(name) != state.healthy:  # set on change: a set costs microseconds
+                self.m_unhealthy.set(float(not state.healthy), tags={"backend": name})
+                self.unhealthy_shown[name] = state.healthy
         decision = self.policy.decide(f, self.states, as_text)
         self.m_decide.observe(time.perf_counter() - start)
         self.m_decisions.inc(tags={"task": decision.task, "source": decision.task_source.split(":")[0],
@@ -341,18 +342,19 @@ class Router:
     # --- calls with fallback -------------------------------------------------------
 
     async def _call(self, out: _Outcome, method: str, arg: Any, deadline: float,
-                    as_text: tuple[str, Any] | None = None,
+                    as_text: tuple[str, Any, Callable[[Any], Any]] | None = None,
                     check: Callable[[Any], str | None] | None = None) -> Any:
         """Calls the decision's candidates in order until one answers; returns its result. The
-        decision's `as_text` backends get `as_text` (method, arg) instead. An answer that `check`
-        faults (a repair that does not parse) moves on to the next candidate; when none does better,
-        the first such answer is the result."""
+        decision's `as_text` backends get `as_text`'s (method, arg) instead, and their answers go
+        through its converter. An answer that `check` faults (a repair that does not parse) moves on
+        to the next candidate; when none does better, the first such answer is the result."""
         kept: tuple[str, Any] | None = None
         for name in out.decision.candidates:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            m, a = as_text if as_text is not None and name in out.decision.as_text else (method, arg)
+            text = as_text is not None and name in out.decision.as_text
+            m, a = as_text[:2] if text else (method, arg)
             state = self.states[name]
             state.in_flight += 1
             response = getattr(self.handles[name], m).remote(_for(out, name, a))
@@ -368,6 +370,8 @@ class Router:
             finally:
                 state.in_flight -= 1
             if self._answered(out, name, result):
+                if text:
+                    result = as_text[2](result)
                 fault = check(result) if check is not None else None
                 if fault is None:
                     return result
@@ -456,11 +460,6 @@ class Router:
         self.m_requests.inc(tags={"endpoint": endpoint, "backend": entry["backend"] or "none", "status": str(status)})
         for attempt in out.attempts if out else ():
             self.m_fallbacks.inc(tags={"endpoint": endpoint, "backend": attempt.backend})
-        t = time.monotonic()
-        for name, until in self.unhealthy_until.items():  # set when it changes: a set costs microseconds
-            if (value := float(t < until)) != self.unhealthy_shown.get(name):
-                self.m_unhealthy.set(value, tags={"backend": name})
-                self.unhealthy_shown[name] = value
         if self.log_sink is not None:
             try:
                 self.log_sink.write(json.dumps(entry) + "\n")
@@ -562,11 +561,11 @@ class Router:
             text_f = replace(f, modality="text", tokens=self.count_tokens(prompt), max_new_tokens=new, text=prompt)
             as_text = ("generate", GenerationRequest(
                 request_id=new_id("gen"), messages=[{"role": "user", "content": prompt}], max_tokens=new,
-                temperature=0.0, adapter=adapter))
+                temperature=0.0, adapter=adapter), _repair_from)
 
         async def run(out: _Outcome, deadline: float):
-            result = _refined(await self._call(out, "refine", payload, deadline, as_text,
-                                               check=_unparsed if as_text else None))
+            result = await self._call(out, "refine", payload, deadline, as_text,
+                                      check=_unparsed if as_text else None)
             return JSONResponse({**result, "backend": out.served_by, "switchyard": out.body()}, headers=out.headers())
 
         return await self._served("refine", request, lambda: _Outcome(self._decide(f, text_f)), run)
