@@ -32,9 +32,9 @@ import torch
 
 from models import sudoku
 from models.trm import TRM
-from training import code_repair_data, sudoku_data
+from training import sudoku_data
 from training.defaults import resolve_model
-from training.trm import TrainConfig, evaluate, evaluate_code, test_set
+from training.trm import CodeRepairTask, TrainConfig, evaluate, evaluate_code, test_set
 
 
 def timed(model: TRM, singles: list[torch.Tensor], batches: list[torch.Tensor]) -> dict[str, float]:
@@ -63,7 +63,7 @@ def halting_figures(halting: dict, every: dict, max_steps: int) -> dict[str, flo
 
 def code_repair(model: TRM, path: Path, args: argparse.Namespace) -> dict:
     cfg = TrainConfig.model_validate(json.loads((path / "training.json").read_text())["config"])
-    pairs = code_repair_data.heldout("test", cfg.test_examples, cfg.seed)
+    pairs = CodeRepairTask(cfg).test()  # the test set of the model's own report
     halting, every = evaluate_code(model, pairs), evaluate_code(model, pairs, halt_threshold=1.0)
     singles = [p.x[None] for p in pairs[:60]]
     batches = [torch.stack([p.x for p in pairs[i:i + 16]]) for i in range(0, 16 * 10, 16)]

@@ -28,8 +28,12 @@ class Pair:
     source: str  # the original function
     broken: str
     corruption: str
-    x: torch.Tensor  # (ROWS * COLS,) the broken grid
+    grid: code_grid.Grid  # the broken source's grid, with what decoding an answer on it needs
     y: torch.Tensor  # the original, on the broken grid's tables
+
+    @property
+    def x(self) -> torch.Tensor:  # (ROWS * COLS,) the broken grid's tokens
+        return self.grid.tokens
 
 
 def definitions(text: str) -> list[str]:
@@ -79,7 +83,7 @@ def make_pair(source: str, rng: random.Random, tries: int = 8) -> Pair | None:
             target = code_grid.encode(source, tables=grid)
         except code_grid.DoesNotFit:  # e.g. a bracket taken out of a string literal
             continue
-        return Pair(source, broken[0], broken[1], grid.tokens, target.tokens)
+        return Pair(source, broken[0], broken[1], grid, target.tokens)
     return None
 
 

@@ -214,7 +214,7 @@ def evaluate_code(model: TRM, pairs: list[code_repair_data.Pair], max_steps: int
             row = by.setdefault(p.corruption, [0, 0, 0, 0.0])
             row[0] += 1
             row[1] += bool((answer == p.y).all())
-            row[2] += code_grid.is_valid(code_grid.decode(answer, code_grid.encode(p.broken)))
+            row[2] += code_grid.is_valid(code_grid.decode(answer, p.grid))
             row[3] += float((answer[changed] == p.y[changed]).float().mean())
             steps.append(s)
     curve = {k: {"n": n, "solve_rate": round(solved / n, 4), "valid_rate": round(valid / n, 4),
