@@ -67,7 +67,21 @@ class LMBackend(BackendBase):
     )
 
 
-class TRMBackend(BackendBase):
+class BatchedBackend(BackendBase):
+    """A backend whose replica gathers requests into batches with Serve's @serve.batch."""
+
+    max_batch_size: int = Field(16, gt=0, description="Requests run together in one batch (serve.batch).")
+    batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill.")
+
+    @model_validator(mode="after")
+    def _fill(self) -> BatchedBackend:
+        if self.deployment.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"deployment.max_ongoing_requests {self.deployment.max_ongoing_requests} is below "
+                             f"max_batch_size {self.max_batch_size}: batches could never fill")
+        return self
+
+
+class TRMBackend(BatchedBackend):
     """The Tiny Recursive Model: `model` refines 9x9 sudoku grids, `code_repair_model` the code grid."""
 
     kind: Literal["trm"]
@@ -78,30 +92,34 @@ class TRMBackend(BackendBase):
     max_steps_limit: int = Field(64, gt=0, description="Largest max_steps a request may ask for.")
     halt_threshold: float | None = Field(None, gt=0, le=1, description="Default halting probability; unset: "
                                          "each model's own, calibrated by training.trm.")
-    max_batch_size: int = Field(16, gt=0, description="Requests refined together in one batch (serve.batch).")
-    batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill.")
 
     @model_validator(mode="after")
     def _steps(self) -> TRMBackend:
         if self.max_steps is not None and self.max_steps > self.max_steps_limit:
             raise ValueError(f"max_steps {self.max_steps} is above max_steps_limit {self.max_steps_limit}")
-        if self.deployment.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(f"deployment.max_ongoing_requests {self.deployment.max_ongoing_requests} is below "
-                             f"max_batch_size {self.max_batch_size}: batches could never fill")
         if self.capability.tasks.get("code_repair", 0) > 0 and self.code_repair_model is None:
             raise ValueError("capability.tasks has code_repair but code_repair_model is not set")
         return self
 
 
-class ClassifierBackend(BackendBase):
+class ClassifierBackend(BatchedBackend):
     """DINOv2 embeddings plus a linear head."""
 
     kind: Literal["classifier"]
     backbone: str | None = Field(None, description="Hub id or path of the backbone, if not in `model`.")
+    pooling: Literal["cls", "mean"] | None = Field(
+        None, description="Embedding: the CLS token or the mean of the patch tokens. The head was fitted on one "
+        "(its head.json); unset: that one. A different one fails at start: the head would be wrong for it."
+    )
     max_image_bytes: int = Field(8 << 20, gt=0, description="Largest encoded image accepted.")
     max_pixels: int = Field(4096 * 4096, gt=0, description="Largest width x height accepted.")
     label_adapters: dict[str, str] = Field(
-        default_factory=dict, description="Label -> transformer adapter that the label selects."
+        default_factory=dict, description="Label -> the adapter it selects for a chat request with an image: "
+        "`NAME` (any language model with that adapter) or `BACKEND:NAME`."
+    )
+    adapter_min_confidence: float = Field(
+        0.5, ge=0, le=1, description="A chat image's label picks its adapter when the label's probability is at "
+        "least this; below, the base model answers and the response says so."
     )
 
 
@@ -139,6 +157,14 @@ class AppConfig(Strict):
             raise ValueError(f"backend names must be unique; repeated: {dupes}")
         if reserved := {"auto", "router"} & set(names):
             raise ValueError(f"{sorted(reserved)} are reserved names and cannot name a backend")
+        adapters = {b.name: set(b.adapters) for b in self.backends if isinstance(b, LMBackend)}
+        for b in self.backends:
+            for label, target in getattr(b, "label_adapters", {}).items():
+                backend, _, adapter = target.rpartition(":")
+                found = adapter in adapters.get(backend, ()) if backend else any(adapter in a for a in adapters.values())
+                if not found:
+                    raise ValueError(f"backends.{b.name}.label_adapters.{label}: no language model backend has "
+                                     f"an adapter {target!r}")
         return self
 
     @classmethod

@@ -8,6 +8,7 @@ raises RoutingError, and the handlers below turn both into OpenAI-shaped errors.
 import asyncio
 import base64
 import binascii
+import inspect
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ from deployments.api import (
     ChatCompletionRequest,
     ClassifyRequest,
     CompletionRequest,
+    ImagePart,
     RefineRequest,
     new_id,
     now,
@@ -41,6 +43,7 @@ from deployments.config import AppConfig
 from deployments.protocol import Failure
 from models import code_grid
 from models.engine import Completion, Delta, GenerationRequest
+from routing.config import TASKS
 from routing.features import Features, split_model, text_features
 from routing.policy import BackendState, Decision, Policy, RoutingError
 from training.corpus import FIX_PROMPT
@@ -133,6 +136,7 @@ class _Outcome:
     served_by: str | None = None
     attempts: list[_Attempt] = field(default_factory=list)
     degraded: str | None = None  # why the answer is not the full one (a cut prompt)
+    image: dict[str, Any] | None = None  # a chat image's classification and the adapter it picked
 
     def headers(self) -> dict[str, str]:
         h = {"x-switchyard-backend": self.served_by or "", "x-switchyard-reason": _ascii(self.decision.reason)}
@@ -140,6 +144,10 @@ class _Outcome:
             h["x-switchyard-fallback"] = _ascii("; ".join(f"{a.backend}: {a.error}" for a in self.attempts))
         if self.degraded:
             h["x-switchyard-degraded"] = _ascii(self.degraded)
+        if self.image:
+            i = self.image
+            h["x-switchyard-image"] = _ascii(f"label={i.get('label')}; confidence={i.get('confidence')}; "
+                                             f"adapter={i.get('adapter')}")
         return h
 
     @property
@@ -150,7 +158,7 @@ class _Outcome:
         d = self.decision
         return {"backend": self.served_by, "task": d.task, "reason": d.reason, "fallback": self.fallback,
                 "degraded": self.degraded is not None, "degraded_reason": self.degraded,
-                "attempts": [asdict(a) for a in self.attempts]}
+                "attempts": [asdict(a) for a in self.attempts]} | ({"image": self.image} if self.image else {})
 
 
 def _for(out: _Outcome, name: str, arg: Any) -> Any:
@@ -178,6 +186,18 @@ def _capacity(replicas: int | str, per_replica: int) -> int:
     return (replicas if isinstance(replicas, int) else 1) * per_replica
 
 
+def _base64(data: str, param: str) -> bytes:
+    """Bytes of base64 text or of a base64 data: URI."""
+    if data.startswith("data:"):
+        header, _, data = data.partition(",")
+        if not header.endswith(";base64"):
+            raise ApiError(400, f"{param}: only base64 data: URIs are accepted", param=param)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{param} is not valid base64", param=param) from None
+
+
 async def _image_from(request: Request) -> tuple[bytes, str]:
     """The image bytes and `model` from a JSON body (base64 or data URI) or a multipart upload."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -187,11 +207,23 @@ async def _image_from(request: Request) -> tuple[bytes, str]:
             raise ApiError(400, "multipart body needs a file field named 'image'", param="image")
         return await upload.read(), str(form.get("model") or "auto")
     body = await _json_body(request, ClassifyRequest)
-    data = body.image.split(",", 1)[1] if body.image.startswith("data:") else body.image
-    try:
-        return base64.b64decode(data, validate=True), body.model
-    except (binascii.Error, ValueError):
-        raise ApiError(400, "image is not valid base64", param="image") from None
+    return _base64(body.image, "image"), body.model
+
+
+def _chat_image(body: ChatCompletionRequest) -> bytes | None:
+    """The image of a chat request (an image_url part with a data: URI), or None; one at most."""
+    parts = [(i, p) for i, m in enumerate(body.messages) if isinstance(m.content, list)
+             for p in m.content if isinstance(p, ImagePart)]
+    if not parts:
+        return None
+    i, part = parts[0]
+    param = f"messages.{i}.content.image_url.url"
+    if len(parts) > 1:
+        raise ApiError(400, f"{len(parts)} images in one request; an image picks the adapter, so one is accepted",
+                       param=param)
+    if not part.image_url.url.startswith("data:"):
+        raise ApiError(400, "image_url must be a base64 data: URI; this server fetches no URLs", param=param)
+    return _base64(part.image_url.url, param)
 
 
 def _completion_body(result: Completion, chat: bool, model: str, out: _Outcome) -> dict[str, Any]:
@@ -309,7 +341,14 @@ class Router:
         self.unhealthy_shown: dict[str, bool] = {}  # backend -> healthy, as the gauge last said
         self.m_unhealthy = metrics.Gauge("switchyard_router_backend_unhealthy", tag_keys=("backend",),
                                          description="1 while the router avoids a backend after failures, else 0.")
-        self.label_adapters = {b.name: b.label_adapters for b in cfg.backends if b.kind == "classifier"}
+        self.intent = None
+        if cfg.routing.intent is not None:
+            from models.intent import IntentClassifier
+
+            self.intent = IntentClassifier.load(resolve_model(cfg.routing.intent.model))
+            if unknown := sorted(set(self.intent.config.labels) - set(TASKS)):
+                raise ValueError(f"routing.intent.model {cfg.routing.intent.model} predicts tasks {unknown} "
+                                 f"that are not tasks of this router: {', '.join(TASKS)}")
 
     # --- decision -------------------------------------------------------------------
 
@@ -326,18 +365,61 @@ class Router:
                                    "backend": decision.backend})
         return decision
 
-    def _features(self, endpoint: str, body: ChatCompletionRequest | CompletionRequest) -> Features:
+    async def _features(self, endpoint: str, body: ChatCompletionRequest | CompletionRequest) -> Features:
+        """The text request's features; the intent classifier's guess when the task is not given."""
         if isinstance(body, ChatCompletionRequest):
             prompt = "\n".join(m.text() for m in body.messages)
-            modality = "image" if any(m.has_image() for m in body.messages) else "text"
+            query = next((m.text() for m in reversed(body.messages) if m.role == "user"), prompt)
         else:
-            prompt, modality = body.prompt, "text"
+            prompt = query = body.prompt
         max_new = body.new_tokens(self.cfg.router.default_max_tokens)
         if max_new > self.cfg.router.max_tokens:
             raise ApiError(400, f"max_tokens {max_new} is above this server's limit of {self.cfg.router.max_tokens}",
                            param="max_tokens")
-        return text_features(endpoint=endpoint, prompt=prompt, documents=body.docs(), count_tokens=self.count_tokens,
-                             max_new_tokens=max_new, model=body.model, task=body.task, modality=modality)
+        f = text_features(endpoint=endpoint, prompt=prompt, documents=body.docs(), count_tokens=self.count_tokens,
+                          max_new_tokens=max_new, model=body.model, task=body.task, query=query)
+        if self.intent is not None and f.task is None and f.query.strip():
+            # a thread: the MiniLM encoder takes milliseconds that the event loop should not wait out
+            guess = await asyncio.to_thread(self.intent.predict, f.query)
+            f = replace(f, intent=(guess.task, round(guess.confidence, 4)))
+        return f
+
+    async def _image_choice(self, image: bytes, f: Features, deadline: float) -> tuple[Features, dict[str, Any]]:
+        """Classifies a chat request's image; a confident label picks the adapter its config maps it to.
+        The summary says what was decided and why, for the response and the routing log."""
+        if f.adapter is not None:
+            return f, {"applied": False, "adapter": None, "reason": f"adapter {f.adapter!r} given by model"}
+        g = Features(endpoint="chat", modality="image", tokens=0, max_new_tokens=0, pages=0, text="",
+                     task="image_classification")
+        try:
+            out = _Outcome(self._decide(g))
+        except RoutingError as exc:
+            if exc.kind != "unavailable":
+                raise ApiError(400, "this server has no image classifier to read the image with (a chat image "
+                               "picks the adapter through one)", param="messages") from None
+            return f, {"applied": False, "adapter": None, "reason": f"image not classified: {exc.message}"}
+        try:
+            result = await self._call(out, "classify", image, deadline)
+        except ApiError as exc:
+            if exc.status == 400:  # the image itself is at fault
+                raise
+            return f, {"applied": False, "adapter": None, "reason": f"image not classified: {exc.message}"}
+        cfg = self.cfg.backend(out.served_by)
+        label, confidence = result["label"], round(result["confidence"], 4)
+        summary = {"backend": out.served_by, "label": label, "confidence": confidence, "applied": False,
+                   "adapter": None, "threshold": cfg.adapter_min_confidence}
+        target = cfg.label_adapters.get(label)
+        backend, _, adapter = (target or "").rpartition(":")
+        if target is None:
+            summary["reason"] = f"label {label!r} maps to no adapter: base model"
+        elif confidence < cfg.adapter_min_confidence:
+            summary["reason"] = f"confidence {confidence:.2f} < {cfg.adapter_min_confidence:g}: base model"
+        elif backend and f.backend is not None and f.backend != backend:
+            summary["reason"] = f"label {label!r} picks {target}, but model pins {f.backend}: base model"
+        else:
+            summary.update(applied=True, adapter=target, reason=f"label {label!r} at {confidence:.2f}")
+            f = replace(f, adapter=adapter, backend=f.backend or backend or None)
+        return f, summary
 
     # --- calls with fallback -------------------------------------------------------
 
@@ -454,6 +536,7 @@ class Router:
             "chosen": d.backend if d else None, "backend": out.served_by if out else None,
             "fallback": out.fallback if out else False, "attempts": [asdict(a) for a in out.attempts] if out else [],
             "reason": d.reason if d else None, "degraded": out.degraded if out else None,
+            "intent": list(d.intent) if d and d.intent else None, "image": out.image if out else None,
             "latency_ms": round((time.perf_counter() - started) * 1e3, 2),
         }
         self.log.append(entry)
@@ -466,14 +549,17 @@ class Router:
             except OSError as exc:  # a full disk must not fail the request
                 logger.warning("routing log sink %s: %s", self.cfg.router.routing_log_path, exc)
 
-    async def _served(self, endpoint: str, request: Request, decide: Callable[[], _Outcome],
+    async def _served(self, endpoint: str, request: Request, decide: Callable[[float], Any],
                       run: Callable[[_Outcome, float], Any]) -> Any:
-        """Decide, run with fallback within the deadline, and record the outcome whatever happens."""
+        """Decide (given the deadline; synchronously or as a coroutine), run with fallback within the
+        deadline, and record the outcome whatever happens."""
         started, request_id = time.perf_counter(), request.headers.get("x-request-id") or new_id("req")
         deadline = time.monotonic() + self.cfg.router.request_timeout_s
         out, status = None, 500
         try:
-            out = decide()
+            out = decide(deadline)
+            if inspect.isawaitable(out):
+                out = await out
             response = await run(out, deadline)
             status = response.status_code
             return response
@@ -503,9 +589,16 @@ class Router:
         )
 
     async def _text(self, endpoint: str, request: Request, body: ChatCompletionRequest | CompletionRequest):
-        f = self._features(endpoint, body)
-        req = self._generation_request(body, f)
         chat = isinstance(body, ChatCompletionRequest)
+        image = _chat_image(body) if chat else None
+        f = await self._features(endpoint, body)
+        req = self._generation_request(body, f)
+
+        async def decide(deadline: float) -> _Outcome:  # a chat image picks the adapter first
+            nonlocal f, req
+            f, summary = await self._image_choice(image, f, deadline)
+            req = replace(req, adapter=f.adapter)
+            return _Outcome(self._decide(f), image=summary)
 
         async def run(out: _Outcome, deadline: float):
             if body.stream:
@@ -518,7 +611,8 @@ class Router:
             model = out.served_by if f.adapter is None else f"{out.served_by}:{f.adapter}"
             return JSONResponse(_completion_body(result, chat, model, out), headers=out.headers())
 
-        return await self._served(endpoint, request, lambda: _Outcome(self._decide(f)), run)
+        plain = lambda _: _Outcome(self._decide(f))  # noqa: E731
+        return await self._served(endpoint, request, plain if image is None else decide, run)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request, body: ChatCompletionRequest):
@@ -537,11 +631,12 @@ class Router:
             raise ApiError(400, f"request body is not valid JSON: {exc}") from None
         model = ChatCompletionRequest if isinstance(keys, dict) and "messages" in keys else CompletionRequest
         body = await _json_body(request, model)
-        f = self._features("route", body)
+        f = await self._features("route", body)
         d = self._decide(f)
         return {"backend": d.backend, "fallbacks": list(d.fallbacks), "scores": d.scores, "excluded": d.excluded,
                 "predicted_s": d.predicted_s, "degraded": d.degraded,
                 "reason": d.reason, "task": d.task, "task_source": d.task_source,
+                "intent": {"task": f.intent[0], "confidence": f.intent[1]} if f.intent else None,
                 "features": {"tokens": f.tokens, "pages": f.pages, "modality": f.modality,
                              "max_new_tokens": f.max_new_tokens}}
 
@@ -568,7 +663,7 @@ class Router:
                                       check=_unparsed if as_text else None)
             return JSONResponse({**result, "backend": out.served_by, "switchyard": out.body()}, headers=out.headers())
 
-        return await self._served("refine", request, lambda: _Outcome(self._decide(f, text_f)), run)
+        return await self._served("refine", request, lambda _: _Outcome(self._decide(f, text_f)), run)
 
     @app.post("/v1/classify", openapi_extra={"requestBody": {"content": {
         "application/json": {"schema": ClassifyRequest.model_json_schema()},
@@ -583,11 +678,11 @@ class Router:
 
         async def run(out: _Outcome, deadline: float):
             result = await self._call(out, "classify", image, deadline)
-            adapter_for = self.label_adapters.get(out.served_by, {}).get(result["label"])
+            adapter_for = self.cfg.backend(out.served_by).label_adapters.get(result["label"])
             return JSONResponse({**result, "adapter": adapter_for, "backend": out.served_by,
                                  "switchyard": out.body()}, headers=out.headers())
 
-        return await self._served("classify", request, lambda: _Outcome(self._decide(f)), run)
+        return await self._served("classify", request, lambda _: _Outcome(self._decide(f)), run)
 
     # --- introspection -------------------------------------------------------------
 

@@ -91,6 +91,16 @@ class Rule(Strict):
         return self
 
 
+class IntentSettings(Strict):
+    """The learned text intent classifier (training/intent.py), tried before the rules."""
+
+    model: str = Field(description="`embedded:NAME` or a directory written by training.intent.")
+    threshold: float = Field(
+        0.5, ge=0, le=1, description="Its task is used when its confidence (top class probability) is at least "
+        "this; below, the keyword rules decide."
+    )
+
+
 class RoutingConfig(Strict):
     strategy: Literal["cost", "score"] = Field(
         "cost",
@@ -100,3 +110,7 @@ class RoutingConfig(Strict):
     weights: Weights = Field(default_factory=Weights, description="Score weights.")
     default_task: Task = Field("text_generation", description="Task when neither request nor rule names one.")
     rules: list[Rule] = Field(default_factory=list, description="Task rules, tried in order; first match wins.")
+    intent: IntentSettings | None = Field(
+        None, description="Learned task inference for text requests: explicit task, then this when confident, "
+        "then the rules, then default_task."
+    )

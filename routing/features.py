@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from routing.config import Modality
 
+QUERY_CHARS = 2000  # the intent classifier reads this much of the query: its cost stays bounded
+
 
 @dataclass(frozen=True)
 class Document:
@@ -25,6 +27,8 @@ class Features:
     task: str | None = None  # explicit task from the request
     backend: str | None = None  # pinned by `model`; None for "auto"
     adapter: str | None = None
+    query: str = ""  # what is asked (a chat's last user message), cut to QUERY_CHARS, for the intent classifier
+    intent: tuple[str, float] | None = None  # the intent classifier's (task, confidence) for `query`
 
 
 def split_model(model: str) -> tuple[str | None, str | None]:
@@ -48,6 +52,7 @@ def text_features(
     model: str = "auto",
     task: str | None = None,
     modality: Modality = "text",
+    query: str | None = None,
 ) -> Features:
     backend, adapter = split_model(model)
     texts = [prompt, *(d.text for d in documents)]
@@ -61,4 +66,5 @@ def text_features(
         task=task,
         backend=backend,
         adapter=adapter,
+        query=(prompt if query is None else query)[:QUERY_CHARS],
     )

@@ -51,7 +51,7 @@ class Decision:
     backend: str
     fallbacks: tuple[str, ...]
     task: str
-    task_source: str  # "explicit", "rule:NAME", "default"
+    task_source: str  # "explicit", "classifier", "rule:NAME", "default"
     reason: str
     scores: dict[str, float]  # every backend's score, filtered ones included
     excluded: dict[str, str] = field(default_factory=dict)  # backend -> why it is not a candidate
@@ -61,6 +61,7 @@ class Decision:
     degraded: dict[str, str] = field(default_factory=dict)
     # Fallbacks that take the request as text (a code grid refined by a language model), after the others.
     as_text: tuple[str, ...] = ()
+    intent: tuple[str, float] | None = None  # the intent classifier's (task, confidence), used or not
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -101,18 +102,34 @@ class Policy:
         self._upgrade = [_CompiledRule(r) for r in config.rules if r.from_tasks is not None]
 
     def infer_task(self, f: Features) -> tuple[str, str, str]:
-        """(task, source, why). Order: explicit, then rules for an unknown task, then the default;
-        then rules that rewrite a known task (a long document turns text generation into long_context)."""
+        """(task, source, why). Order: explicit; the intent classifier when it is confident; rules
+        for a task still unknown; the default. Then rules that rewrite a known task (a long document
+        turns text generation into long_context). An inferred task that no backend serves for this
+        input becomes the default task: the request is still answered, and the reason says so."""
         if f.task is not None:
             if f.task not in TASKS:
                 raise RoutingError(f"unknown task {f.task!r}; known tasks: {', '.join(TASKS)}", "invalid", "task")
             task, source, why = f.task, "explicit", "given in the request"
         else:
             task, source, why = self.config.default_task, "default", "no rule matched"
-            for c in self._infer:
-                if (reason := c.match(f)) is not None:
-                    task, source, why = c.rule.task, f"rule:{c.rule.name}", reason
-                    break
+            threshold = self.config.intent.threshold if self.config.intent else 1.0
+            unsure = ""
+            if f.intent is not None:
+                guess, confidence = f.intent
+                if confidence >= threshold:
+                    task, source, why = guess, "classifier", f"confidence {confidence:.2f}"
+                else:
+                    unsure = f"; classifier {guess} at {confidence:.2f} < {threshold:g}"
+                    why += unsure
+            if source == "default":
+                for c in self._infer:
+                    if (reason := c.match(f)) is not None:
+                        task, source, why = c.rule.task, f"rule:{c.rule.name}", reason + unsure
+                        break
+            if task != self.config.default_task and not any(
+                    f.modality in cap.modalities and cap.tasks.get(task, 0.0) > 0 for cap in self.backends.values()):
+                why += f"; no backend serves {task} for {f.modality} input, so {self.config.default_task}"
+                task = self.config.default_task
         for c in self._upgrade:
             if task in c.rule.from_tasks and (reason := c.match(f)) is not None:
                 return c.rule.task, f"rule:{c.rule.name}", reason
@@ -211,7 +228,8 @@ class Policy:
         else:
             how = f"best score {scores[best]:.3f}"
         reason = f"task {task} ({source}: {why}); {best}: {how}"
-        return Decision(best, tuple(candidates[1:]), task, source, reason, scores, excluded, predicted, degraded)
+        return Decision(best, tuple(candidates[1:]), task, source, reason, scores, excluded, predicted, degraded,
+                        intent=f.intent)
 
     def predict(self, f: Features, states: Mapping[str, BackendState]) -> dict[str, float]:
         """Predicted seconds for the request on every backend with a cost model, scaled by its load."""

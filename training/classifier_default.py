@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +20,6 @@ import torch
 from PIL import Image
 from transformers import Dinov2Config, Dinov2Model
 
-from models.classifier import HeadConfig, ImageClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -55,40 +53,14 @@ def tiny_backbone(seed: int) -> Dinov2Model:
 
 
 def build(out_dir: str | Path, seed: int = 0, pooling: Literal["cls", "mean"] = POOLING) -> dict:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-
-    start = time.perf_counter()
-    backbone = tiny_backbone(seed)
-    labels = [str(i) for i in range(10)]
-    head = HeadConfig(labels=labels, pooling=pooling, embedding_dim=HIDDEN)
-    model = ImageClassifier(backbone, head, torch.zeros(len(labels), HIDDEN), torch.zeros(len(labels)))
+    from training.classifier import fit_head
 
     images, y = digits_images()
-    x = model.embed(images).double().numpy()  # (N, D)
-    logger.info("embedded %d digits in %.1f s", len(images), time.perf_counter() - start)
-    train, test = train_test_split(np.arange(len(y)), test_size=TEST_FRACTION, stratify=y, random_state=seed)
-    mu, sigma = x[train].mean(0), x[train].std(0) + 1e-8
-    lr = LogisticRegression(C=C, max_iter=5000).fit((x[train] - mu) / sigma, y[train])
-    # W((x - mu) / sigma) + b == (W / sigma) x + (b - W mu / sigma): the head takes raw embeddings
-    weight = lr.coef_ / sigma  # (C, D)
-    bias = lr.intercept_ - weight @ mu  # (C,)
-    model = ImageClassifier(backbone, head, torch.from_numpy(weight).float(), torch.from_numpy(bias).float())
+    model, metrics = fit_head(tiny_backbone(seed), images, y, [str(i) for i in range(10)], pooling,
+                              TEST_FRACTION, seed, c=C)
     model.save_pretrained(out_dir)
-
-    with torch.inference_mode():  # score the saved head (float32), not sklearn's float64 copy
-        pred = model.head(torch.from_numpy(x).float()).argmax(-1).numpy()
-    metrics = {
-        "pooling": pooling,
-        "seed": seed,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "n_train": len(train),
-        "n_test": len(test),
-        "train_accuracy": round(float((pred[train] == y[train]).mean()), 4),
-        "test_accuracy": round(float((pred[test] == y[test]).mean()), 4),
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    logger.info("built classifier at %s: %s", out_dir, metrics)
+    (Path(out_dir) / "training.json").write_text(json.dumps(metrics, indent=2))
+    logger.info("built classifier at %s: accuracy %s", out_dir, metrics["accuracy"])
     return metrics
 
 

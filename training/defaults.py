@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 # Trained defaults (training/lm.py, training/lora.py) are committed here, with their training.json.
 TRAINED_DIR = Path(__file__).resolve().parents[1] / "models" / "embedded"
-VERSION = 2  # bump when a builder changes its output: the cache key changes with it
+VERSION = 3  # bump when a builder changes its output: the cache key changes with it
 SEED = 0
 EMBEDDED = "embedded:"
 SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -72,8 +72,17 @@ def build_dinov2(out: Path) -> None:
     build(out, seed=SEED)
 
 
+def build_intent(out: Path) -> None:
+    """The text intent classifier: MiniLM (int8) embeddings and logistic regression, fitted on the
+    training share of training/data/intent.jsonl (training/intent.py); its intent.json holds the held-out figures."""
+    from training.intent import train
+
+    train(encoder="minilm", int8=True, out=out, seed=SEED)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-dinov2": build_dinov2,
+    "intent": build_intent,
 }
 
 

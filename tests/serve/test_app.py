@@ -299,7 +299,9 @@ def test_route_explains_without_running(client):
     r = client.post("/v1/route", json=chat("fix this bug please"))
     body = r.json()
     assert r.status_code == 200
-    assert body["task"] == "code_repair" and body["task_source"] == "rule:code_repair"
+    assert body["task"] == "code_repair" and body["task_source"] == "classifier"  # the rule agrees
+    assert body["intent"]["task"] == "code_repair" and body["intent"]["confidence"] >= 0.5
+    assert f"confidence {body['intent']['confidence']:.2f}" in body["reason"]
     assert set(body["scores"]) == {"mamba", "transformer", "trm", "dinov2"}
     assert body["backend"] == "transformer" and "trm" in body["excluded"]  # mamba does not serve code_repair
     assert "mamba" in body["excluded"] and set(body["predicted_s"]) == {"mamba", "transformer"}
