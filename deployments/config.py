@@ -70,7 +70,8 @@ class LMBackend(BackendBase):
 class BatchedBackend(BackendBase):
     """A backend whose replica gathers requests into batches with Serve's @serve.batch."""
 
-    max_batch_size: int = Field(16, gt=0, description="Requests run together in one batch (serve.batch).")
+    max_batch_size: int = Field(8, gt=0, description="Requests run together in one batch (serve.batch); at most "
+                                "deployment.max_ongoing_requests, which is 8 unless set.")
     batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill.")
 
     @model_validator(mode="after")

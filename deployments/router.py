@@ -45,7 +45,7 @@ from models import code_grid
 from models.engine import Completion, Delta, GenerationRequest
 from routing.config import TASKS
 from routing.features import Features, split_model, text_features
-from routing.policy import BackendState, Decision, Policy, RoutingError
+from routing.policy import BackendState, Decision, Policy, RoutingError, choose_adapter
 from training.corpus import FIX_PROMPT
 from training.defaults import resolve_model
 
@@ -406,19 +406,11 @@ class Router:
             return f, {"applied": False, "adapter": None, "reason": f"image not classified: {exc.message}"}
         cfg = self.cfg.backend(out.served_by)
         label, confidence = result["label"], round(result["confidence"], 4)
-        summary = {"backend": out.served_by, "label": label, "confidence": confidence, "applied": False,
-                   "adapter": None, "threshold": cfg.adapter_min_confidence}
-        target = cfg.label_adapters.get(label)
-        backend, _, adapter = (target or "").rpartition(":")
-        if target is None:
-            summary["reason"] = f"label {label!r} maps to no adapter: base model"
-        elif confidence < cfg.adapter_min_confidence:
-            summary["reason"] = f"confidence {confidence:.2f} < {cfg.adapter_min_confidence:g}: base model"
-        elif backend and f.backend is not None and f.backend != backend:
-            summary["reason"] = f"label {label!r} picks {target}, but model pins {f.backend}: base model"
-        else:
-            summary.update(applied=True, adapter=target, reason=f"label {label!r} at {confidence:.2f}")
-            f = replace(f, adapter=adapter, backend=f.backend or backend or None)
+        choice = choose_adapter(label, confidence, cfg.label_adapters, cfg.adapter_min_confidence, f.backend)
+        summary = {"backend": out.served_by, "label": label, "confidence": confidence, "applied": choice.applied,
+                   "adapter": choice.adapter, "threshold": cfg.adapter_min_confidence, "reason": choice.reason}
+        if choice.applied:
+            f = replace(f, adapter=choice.adapter.rpartition(":")[2], backend=choice.backend)
         return f, summary
 
     # --- calls with fallback -------------------------------------------------------

@@ -1,6 +1,8 @@
 """Text intent: the task a prompt asks for, from a linear head over a text encoding.
 
-Two encoders, chosen when the classifier is trained (training/intent.py) and named in its files:
+The encoding, chosen when the classifier is trained (training/intent.py) and named in its files, is
+`tfidf`, `minilm`, or both side by side (`minilm+tfidf`, the embedded default: held-out accuracy
+and latency of each in bench.classifier):
 
 - `tfidf`: word unigrams and bigrams plus character 3- to 5-grams inside words, sublinear TF-IDF,
   L2-normalised. The vocabulary and IDF weights are fitted by scikit-learn with `analyze` below
@@ -32,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-Encoder = Literal["tfidf", "minilm"]
+Encoder = Literal["tfidf", "minilm", "minilm+tfidf"]
 _WORD = re.compile(r"(?u)\b\w\w+\b")
 _SPACE = re.compile(r"\s+")
 CHAR_NGRAMS = (3, 5)
@@ -142,13 +144,18 @@ class Intent:
 
 
 class IntentClassifier:
-    def __init__(self, config: IntentConfig, encode: Callable[[list[str]], np.ndarray],
+    def __init__(self, config: IntentConfig, encoders: list[Callable[[list[str]], np.ndarray]],
                  weight: np.ndarray, bias: np.ndarray):
         if weight.shape[0] != len(config.labels) or bias.shape != (len(config.labels),):
             raise ValueError(f"head weight {weight.shape} and bias {bias.shape} do not fit "
                              f"{len(config.labels)} labels")
-        self.config, self.encode = config, encode
+        self.config, self.encoders = config, encoders
         self.weight, self.bias = weight.astype(np.float32), bias.astype(np.float32)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """(N, D): the encoders' features side by side, in the order of the encoder's name."""
+        parts = [encode(texts) for encode in self.encoders]
+        return parts[0] if len(parts) == 1 else np.hstack(parts)
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
         logits = self.encode(texts) @ self.weight.T + self.bias  # (N, C)
@@ -161,14 +168,13 @@ class IntentClassifier:
         best = int(p.argmax())
         return Intent(self.config.labels[best], float(p[best]))
 
-    def save(self, path: str | Path, vocabulary: dict[str, int] | None = None, idf: np.ndarray | None = None) -> None:
+    def save(self, path: str | Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {"weight": self.weight, "bias": self.bias}
-        if self.config.encoder == "tfidf":
-            tensors["idf"] = np.asarray(idf if idf is not None else self.encode.idf, dtype=np.float32)
-            vocab = vocabulary if vocabulary is not None else self.encode.vocabulary
-            (path / "vocabulary.json").write_text(json.dumps(vocab, ensure_ascii=False, sort_keys=True))
+        for tfidf in (e for e in self.encoders if isinstance(e, Tfidf)):
+            tensors["idf"] = tfidf.idf
+            (path / "vocabulary.json").write_text(json.dumps(tfidf.vocabulary, ensure_ascii=False, sort_keys=True))
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path / "intent.safetensors"))
         (path / "intent.json").write_text(json.dumps(asdict(self.config), indent=2))
 
@@ -177,11 +183,13 @@ class IntentClassifier:
         path = Path(path)
         config = IntentConfig(**json.loads((path / "intent.json").read_text()))
         tensors = load_file(str(path / "intent.safetensors"))
-        if config.encoder == "tfidf":
-            vocabulary = json.loads((path / "vocabulary.json").read_text())
-            encode: Callable[[list[str]], np.ndarray] = Tfidf(vocabulary, tensors["idf"])
-        elif config.encoder == "minilm":
-            encode = sentence_encoder(config.encoder_path, config.int8)
-        else:
-            raise ValueError(f"unknown encoder {config.encoder!r} in {path / 'intent.json'}; use tfidf or minilm")
-        return cls(config, encode, tensors["weight"], tensors["bias"])
+        encoders: list[Callable[[list[str]], np.ndarray]] = []
+        for name in config.encoder.split("+"):
+            if name == "tfidf":
+                encoders.append(Tfidf(json.loads((path / "vocabulary.json").read_text()), tensors["idf"]))
+            elif name == "minilm":
+                encoders.append(sentence_encoder(config.encoder_path, config.int8))
+            else:
+                raise ValueError(f"unknown encoder {config.encoder!r} in {path / 'intent.json'}; use tfidf, minilm "
+                                 "or minilm+tfidf")
+        return cls(config, encoders, tensors["weight"], tensors["bias"])

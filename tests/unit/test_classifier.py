@@ -153,3 +153,84 @@ def test_decode_converts_rgba_and_palette():
 def test_decode_rejects(data: bytes, limits: tuple[int, int], message: str):
     with pytest.raises(ValueError, match=message):
         decode_image(data, *limits)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ImageFolder tree: 20 digits each of 0, 1 and 7, PNG and JPEG, plus a file that is no image."""
+    root = tmp_path_factory.mktemp("images")
+    images, y = digits_images()
+    for label in (0, 1, 7):
+        (root / f"digit{label}").mkdir()
+        for k, i in enumerate(np.flatnonzero(y == label)[:20]):
+            fmt = "PNG" if k % 2 else "JPEG"
+            images[i].resize((32, 32)).save(root / f"digit{label}" / f"{k}.{fmt.lower()}", format=fmt)
+    (root / "digit0" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_training_on_an_image_folder(built: tuple[Path, dict], folder: Path, tmp_path: Path):
+    from training.classifier import main
+
+    metrics = main(str(folder), str(tmp_path), str(built[0]), "cls", 0.25, 0, "cpu")
+    assert (metrics["n"], metrics["n_train"]) == (15, 45)  # stratified: 5 of each label held out
+    assert metrics["accuracy"] >= 0.8 and metrics["pooling"] == "cls"  # 0, 1 and 7 are easy apart
+    assert np.array(metrics["confusion"]).shape == (3, 3)
+    model = ImageClassifier.from_pretrained(tmp_path)
+    assert model.info()["labels"] == ["digit0", "digit1", "digit7"] and model.info()["pooling"] == "cls"
+    assert json.loads((tmp_path / "training.json").read_text())["accuracy"] == metrics["accuracy"]
+    assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pkl"))
+    # the backbone was taken from the given classifier directory, unchanged
+    again = ImageClassifier.from_pretrained(built[0])
+    assert all(torch.equal(a, b) for a, b in zip(model.backbone.state_dict().values(),
+                                                  again.backbone.state_dict().values()))
+
+
+def test_image_folder_needs_two_labels_of_two_images(tmp_path: Path):
+    from training.classifier import image_folder
+
+    (tmp_path / "only").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "only" / "a.png")
+    with pytest.raises(ValueError, match="at least two label folders"):
+        image_folder(tmp_path)
+    with pytest.raises(ValueError, match="at least two label folders"):
+        image_folder(tmp_path / "missing")
+
+
+def test_a_pooling_the_head_was_not_fitted_on_fails_at_start(built: tuple[Path, dict]):
+    from deployments.config import ClassifierBackend
+    from deployments.dinov2 import ClassifierServer
+
+    cap = {"modalities": ["image"], "max_context": 1, "tasks": {"image_classification": 1.0}}
+    cfg = ClassifierBackend(name="d", kind="classifier", model=str(built[0]), capability=cap, pooling="cls")
+    with pytest.raises(ValueError, match="fitted on 'mean' embeddings"):
+        ClassifierServer.func_or_class(cfg) if hasattr(ClassifierServer, "func_or_class") else ClassifierServer(cfg)
+
+
+def test_committed_default_is_pretrained_and_its_held_out_accuracy_is_reproduced():
+    from training import linear_probe
+    from training.defaults import TRAINED_DIR, resolve_model
+
+    path = TRAINED_DIR / "tiny-dinov2"
+    report = json.loads((path / "training.json").read_text())
+    assert resolve_model("embedded:tiny-dinov2") == str(path)
+    assert report["pretrain_steps"] > 0 and report["accuracy"] >= 0.9 and report["command"]
+    model = ImageClassifier.from_pretrained(path)
+    images, y = digits_images()
+    _, test = linear_probe.split(y, 0.25, report["seed"])  # the held-out quarter, never seen in pretraining
+    pred = np.array([int(p.label) for p in model.classify([images[i] for i in test])])
+    assert float((pred == y[test]).mean()) == pytest.approx(report["accuracy"], abs=1e-3)
+
+
+def test_pretraining_views_and_a_few_steps(tmp_path: Path):
+    from training.classifier_default import pretrain, views
+
+    digits = torch.rand(8, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    v = views(digits, g)
+    assert v.shape == (8, 3, 32, 32) and not torch.equal(v, views(digits, g))  # two draws differ
+    backbone = tiny_backbone(0)
+    before = backbone.embeddings.patch_embeddings.projection.weight.clone()
+    losses = pretrain(backbone, digits, steps=2, seed=0, pooling="mean", batch=4)
+    assert len(losses) == 2 and all(np.isfinite(losses)) and not backbone.training
+    assert not torch.equal(before, backbone.embeddings.patch_embeddings.projection.weight)

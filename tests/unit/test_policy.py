@@ -11,7 +11,7 @@ from deployments.config import AppConfig
 from routing.config import Capability, RoutingConfig, Rule
 from routing.cost import CostModel
 from routing.features import Document, Features, count_pages, split_model, text_features
-from routing.policy import BackendState, Policy, RoutingError
+from routing.policy import BackendState, Policy, RoutingError, choose_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,12 +33,10 @@ def words(text: str) -> int:
 
 
 def feat(prompt: str = "hello there", *, tokens: int | None = None, docs=(), model="auto", task=None,
-         modality="text", max_new=64, endpoint="chat") -> Features:
+         modality="text", max_new=64, endpoint="chat", intent: tuple[str, float] | None = None) -> Features:
     f = text_features(endpoint=endpoint, prompt=prompt, documents=list(docs), count_tokens=words,
                       max_new_tokens=max_new, model=model, task=task, modality=modality)
-    if tokens is not None:
-        f = Features(**{**f.__dict__, "tokens": tokens})
-    return f
+    return Features(**{**f.__dict__, "tokens": f.tokens if tokens is None else tokens, "intent": intent})
 
 
 # (case, features, backend, fallbacks, task, task_source)
@@ -83,6 +81,24 @@ CASES = [
      "puzzle_solving", "explicit"),
     ("image to dinov2", feat("", modality="image", task="image_classification", max_new=0, endpoint="classify"),
      "dinov2", (), "image_classification", "explicit"),
+    ("a rule's task no text backend serves: the default task", feat("solve this sudoku"), "transformer",
+     ("mamba",), "text_generation", "rule:puzzle"),
+    ("confident classifier decides", feat(intent=("code_generation", 0.9)), "transformer", ("mamba",),
+     "code_generation", "classifier"),
+    ("classifier at its threshold decides", feat(intent=("code_analysis", 0.5)), "mamba", ("transformer",),
+     "code_analysis", "classifier"),
+    ("classifier beats the keyword rules", feat("please fix this bug", intent=("code_analysis", 0.8)), "mamba",
+     ("transformer",), "code_analysis", "classifier"),
+    ("unsure classifier leaves it to the rules", feat("please fix this bug", intent=("text_generation", 0.3)),
+     "transformer", (), "code_repair", "rule:code_repair"),
+    ("unsure classifier and no rule: the default", feat(intent=("code_generation", 0.49)), "transformer",
+     ("mamba",), "text_generation", "default"),
+    ("explicit task beats the classifier", feat(task="code_analysis", intent=("code_generation", 0.99)), "mamba",
+     ("transformer",), "code_analysis", "explicit"),
+    ("classifier's text task is still upgraded by size", feat(tokens=6000, intent=("text_generation", 0.9)),
+     "mamba", ("transformer",), "long_context", "rule:long_document"),
+    ("classifier's task no text backend serves: the default task", feat(intent=("puzzle_solving", 0.95)),
+     "transformer", ("mamba",), "text_generation", "classifier"),
 ]
 
 
@@ -92,6 +108,39 @@ def test_decision(policy: Policy, case, f, backend, fallbacks, task, source):
     assert (d.backend, d.fallbacks, d.task, d.task_source) == (backend, fallbacks, task, source), d.reason
     assert set(d.scores) == set(policy.backends)
     assert d.backend in d.reason
+
+
+# (features, words in the reason)
+REASONS = [
+    (feat(intent=("code_generation", 0.9)), "task code_generation (classifier: confidence 0.90)"),
+    (feat("please fix this bug", intent=("text_generation", 0.3)),
+     "task code_repair (rule:code_repair: keyword 'fix'; classifier text_generation at 0.30 < 0.5)"),
+    (feat(intent=("text_generation", 0.2)), "task text_generation (default: no rule matched; classifier "
+     "text_generation at 0.20 < 0.5)"),
+    (feat(intent=("puzzle_solving", 0.95)), "no backend serves puzzle_solving for text input, so text_generation"),
+]
+
+
+@pytest.mark.parametrize("f,words", REASONS)
+def test_reason_says_who_decided_the_task(policy: Policy, f: Features, words: str):
+    d = policy.decide(f)
+    assert words in d.reason
+    assert d.intent == f.intent
+
+
+@pytest.mark.parametrize("label, confidence, pinned, applied, adapter, backend, reason", [
+    ("0", 0.9, None, True, "pydoc", None, "label '0' at 0.90"),
+    ("1", 0.9, None, True, "transformer:sql", "transformer", "label '1' at 0.90"),
+    ("1", 0.9, "transformer", True, "transformer:sql", "transformer", "label '1' at 0.90"),
+    ("0", 0.9, "mamba", True, "pydoc", "mamba", "label '0' at 0.90"),
+    ("1", 0.9, "mamba", False, None, None, "label '1' picks transformer:sql, but model pins mamba: base model"),
+    ("0", 0.5, None, True, "pydoc", None, "label '0' at 0.50"),
+    ("0", 0.49, None, False, None, None, "confidence 0.49 < 0.5: base model"),
+    ("7", 0.99, None, False, None, None, "label '7' maps to no adapter: base model"),
+])
+def test_choose_adapter(label, confidence, pinned, applied, adapter, backend, reason):
+    choice = choose_adapter(label, confidence, {"0": "pydoc", "1": "transformer:sql"}, 0.5, pinned)
+    assert (choice.applied, choice.adapter, choice.backend, choice.reason) == (applied, adapter, backend, reason)
 
 
 # (case, features, states, kind, text in the message)
