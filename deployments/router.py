@@ -549,9 +549,8 @@ class Router:
         deadline = time.monotonic() + self.cfg.router.request_timeout_s
         out, status = None, 500
         try:
-            out = decide(deadline)
-            if inspect.isawaitable(out):
-                out = await out
+            decided = decide(deadline)
+            out = await decided if inspect.isawaitable(decided) else decided
             response = await run(out, deadline)
             status = response.status_code
             return response
