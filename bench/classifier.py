@@ -3,7 +3,8 @@
 Images: the default backbone (the embedded tiny DINOv2, randomly initialised and frozen; --backbone
 for another: a hub id, a Dinov2 directory or a classifier directory) embeds scikit-learn's bundled
 digits (1797 8x8 images, 25% held out, stratified); logistic regression on the embeddings against
-logistic regression on the 64 raw pixels, on the same split. Latency: the saved head's classify()
+logistic regression on the 64 raw pixels, and against the same tiny backbone left random (the
+default is pretrained without labels on the training share), on the same split. Latency: the saved head's classify()
 on one image a call, and on batches of 16, per image.
 
 Text: every intent encoder (training/intent.py) trained on the same 75% of
@@ -12,8 +13,8 @@ prompt a call, with as many torch threads as the router's replica gets (1: --thr
 
     python -m bench.classifier [--backbone embedded:tiny-dinov2] [--threads 1] [--rounds 200]
 
-Last line: one JSON object: latency_b1_ms, per_image_b16_ms, digits_accuracy, raw_pixel_accuracy
-(the default backbone), intent_accuracy and intent_latency_p50_ms (the default encoder,
+Last line: one JSON object: latency_b1_ms, per_image_b16_ms, digits_accuracy, raw_pixel_accuracy,
+digits_accuracy_random_backbone (the default backbone unless --backbone), intent_accuracy and intent_latency_p50_ms (the default encoder,
 minilm+tfidf with int8 MiniLM), intent_encoders (each encoder's accuracy, p50 and p99 ms), and
 the settings.
 """
@@ -31,7 +32,7 @@ import torch
 
 from training import linear_probe
 from training.classifier import fit_head, load_backbone
-from training.classifier_default import POOLING, TEST_FRACTION, digits_images
+from training.classifier_default import POOLING, TEST_FRACTION, digits_images, tiny_backbone
 from training.intent import DATA, read, train
 
 DEFAULT_ENCODER = ("minilm+tfidf", True)  # (encoder, int8): training/defaults.py builds the same
@@ -63,10 +64,12 @@ def images(backbone: str, pooling: str, rounds: int, seed: int = 0) -> dict:
     single = timed(lambda im: model.classify([im]), held_out[:rounds])
     batches = [held_out[i:i + 16] for i in range(0, min(len(held_out), 16 * rounds) - 15, 16)]
     batch = timed(lambda b: model.classify(b), batches)
+    _, random = fit_head(tiny_backbone(seed), pictures, y, [str(i) for i in range(10)], pooling, TEST_FRACTION, seed)
     return {"latency_b1_ms": round(statistics.median(single), 3),
             "per_image_b16_ms": round(statistics.median(batch) / 16, 3),
             "digits_accuracy": metrics["accuracy"],
             "raw_pixel_accuracy": round(float(raw.score(pixels[test_idx], y[test_idx])), 4),
+            "digits_accuracy_random_backbone": random["accuracy"],
             "digits_train_accuracy": metrics["train_accuracy"], "digits_C": metrics["C"],
             "backbone": backbone, "pooling": pooling, "backbone_parameters": metrics["parameters"]}
 
