@@ -378,8 +378,9 @@ class Router:
                            param="max_tokens")
         f = text_features(endpoint=endpoint, prompt=prompt, documents=body.docs(), count_tokens=self.count_tokens,
                           max_new_tokens=max_new, model=body.model, task=body.task, query=query)
-        if self.intent is not None and f.task is None and f.query.strip():
-            # a thread: the MiniLM encoder takes milliseconds that the event loop should not wait out
+        if self.intent is not None and f.task is None and f.backend is None and f.query.strip():
+            # Only where the task picks the backend: a pinned model goes where it names whatever the task.
+            # A thread: the MiniLM encoder takes milliseconds (bench.classifier) the event loop should not wait out.
             guess = await asyncio.to_thread(self.intent.predict, f.query)
             f = replace(f, intent=(guess.task, round(guess.confidence, 4)))
         return f

@@ -486,6 +486,9 @@ def test_the_intent_classifier_decides_and_the_log_says_so(client):
     entry = client.get("/v1/routing/log", params={"limit": 1}).json()["data"][0]
     assert given["switchyard"]["task"] == "reasoning" and entry["task_source"] == "explicit"
     assert entry["intent"] is None  # not asked: the request named its task
+    client.post("/v1/chat/completions", json=chat("my script dies with IndexError", model="transformer"))
+    entry = client.get("/v1/routing/log", params={"limit": 1}).json()["data"][0]
+    assert entry["intent"] is None and entry["task_source"] != "classifier"  # pinned: the task picks nothing
 
 
 def test_routing_log_records_decisions(client):
