@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from routing.access import AuthConfig
 from routing.config import Capability, RoutingConfig
 
 
@@ -135,6 +136,7 @@ class RouterConfig(Strict):
     max_tokens: int = Field(1024, gt=0, description="Largest max_tokens a request may ask for (400 above).")
     default_max_tokens: int = Field(256, gt=0, description="max_tokens of a request that names none.")
     routing_log_size: int = Field(1000, gt=0, description="Decisions kept for GET /v1/routing/log.")
+    max_body_bytes: int = Field(16 << 20, gt=0, description="Largest request body accepted (413 above).")
     routing_log_path: str | None = Field(
         None, description="Also append every routing log entry to this file as a JSON line (opened in append "
         "mode, one write a line, so router replicas may share it)."
@@ -148,6 +150,7 @@ class RouterConfig(Strict):
 
 class AppConfig(Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys, JWT, roles and rate limits.")
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     backends: list[Backend] = Field(min_length=1, description="One deployment each.")
 

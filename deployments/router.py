@@ -43,6 +43,7 @@ from deployments.config import AppConfig
 from deployments.protocol import Failure
 from models import code_grid
 from models.engine import Completion, Delta, GenerationRequest
+from routing.access import ANONYMOUS, Access, AccessError, Caller, RateLimiter
 from routing.config import TASKS
 from routing.features import Features, split_model, text_features
 from routing.policy import BackendState, Decision, Policy, RoutingError, choose_adapter
@@ -61,7 +62,7 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
 
 
-_ROUTING_STATUS = {"invalid": 400, "not_found": 404, "unavailable": 503}
+_ROUTING_STATUS = {"invalid": 400, "not_found": 404, "unavailable": 503, "forbidden": 403}
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
           429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
@@ -76,6 +77,104 @@ def _error(status: int, message: str, param: str | None = None, headers: dict[st
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
     return _error(exc.status, exc.message, exc.param, exc.headers, exc.type)
+
+
+@app.exception_handler(AccessError)
+async def _access_error(_: Request, exc: AccessError) -> JSONResponse:
+    return _error(exc.status, exc.message, headers=_access_headers(exc))
+
+
+def _access_headers(exc: AccessError) -> dict[str, str] | None:
+    if exc.status == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    if exc.retry_after is not None:
+        return {"Retry-After": str(max(1, round(exc.retry_after + 0.5)))}
+    return None
+
+
+# path -> the endpoint name roles permit (routing.access.ENDPOINTS)
+_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/route": "route",
+              "/v1/refine": "refine", "/v1/classify": "classify", "/v1/models": "models",
+              "/v1/routing/log": "routing_log"}
+_OPEN = {"/healthz"}  # no caller needed
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Guard:
+    """ASGI middleware in front of every route: the body size limit (413), then the caller
+    (401, 403 for the endpoint, 429 for its request rate). The caller goes to the handlers in
+    `request.state.caller`. It reads the Router through `app.state.switchyard`, set at start."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        router: Router | None = getattr(scope["app"].state, "switchyard", None)
+        if router is None:  # not started: fail closed
+            return await _send_error(scope, receive, send, 503, "the router is starting", "service_unavailable")
+        limit = router.cfg.router.max_body_bytes
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _send_error(scope, receive, send, 413, f"request body is {int(length)} bytes; the limit is "
+                                     f"{limit}", "invalid_request_error")
+        path = scope.get("path", "")
+        path = path[len(scope.get("root_path", "")):] if path.startswith(scope.get("root_path", "")) else path
+        if path not in _OPEN:
+            try:
+                caller = router.access.authenticate(headers.get(b"authorization", b"").decode("latin-1") or None)
+                endpoint = _ENDPOINTS.get(path)
+                if endpoint is not None and not caller.may_call(endpoint):
+                    raise AccessError(403, f"caller {caller.name!r} may not call {path}")
+                if endpoint is not None:
+                    router.limiter.take(caller, "requests", 1)
+            except AccessError as exc:
+                return await _send_error(scope, receive, send, exc.status, exc.message, None, _access_headers(exc))
+            scope.setdefault("state", {})["caller"] = caller
+        seen, too_large, answered = 0, False, False
+        too_large_error = f"request body is over the limit of {limit} bytes"
+
+        async def counted() -> dict:  # a body without content-length is counted as it arrives
+            nonlocal seen, too_large
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                too_large = True
+                raise _BodyTooLarge()
+            return message
+
+        async def guarded(message: dict) -> None:  # once the body is too large, the answer is the 413
+            nonlocal answered
+            if too_large:
+                if not answered:
+                    answered = True
+                    await _send_error(scope, receive, send, 413, too_large_error, "invalid_request_error")
+                return
+            answered = answered or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, guarded)
+        except _BodyTooLarge:
+            if not answered:
+                await _send_error(scope, receive, send, 413, too_large_error, "invalid_request_error")
+
+
+async def _send_error(scope: dict, receive: Callable, send: Callable, status: int, message: str,
+                      type_: str | None, headers: dict[str, str] | None = None) -> None:
+    await _error(status, message, headers=headers, type_=type_)(scope, receive, send)
+
+
+app.add_middleware(_Guard)
+
+
+def _caller(request: Request) -> Caller:
+    return getattr(request.state, "caller", ANONYMOUS)
 
 
 @app.exception_handler(RoutingError)
@@ -341,6 +440,11 @@ class Router:
         self.unhealthy_shown: dict[str, bool] = {}  # backend -> healthy, as the gauge last said
         self.m_unhealthy = metrics.Gauge("switchyard_router_backend_unhealthy", tag_keys=("backend",),
                                          description="1 while the router avoids a backend after failures, else 0.")
+        self.access = Access(cfg.auth)
+        replicas = cfg.router.deployment.num_replicas
+        if not isinstance(replicas, int):
+            replicas = (cfg.router.deployment.autoscaling_config or {}).get("max_replicas", 1)
+        self.limiter = RateLimiter(replicas=replicas)  # each router replica holds 1/replicas of every limit
         self.intent = None
         if cfg.routing.intent is not None:
             from models.intent import IntentClassifier
@@ -349,6 +453,7 @@ class Router:
             if unknown := sorted(set(self.intent.config.labels) - set(TASKS)):
                 raise ValueError(f"routing.intent.model {cfg.routing.intent.model} predicts tasks {unknown} "
                                  f"that are not tasks of this router: {', '.join(TASKS)}")
+        app.state.switchyard = self  # _Guard admits requests from here on
 
     # --- decision -------------------------------------------------------------------
 
@@ -365,8 +470,9 @@ class Router:
                                    "backend": decision.backend})
         return decision
 
-    async def _features(self, endpoint: str, body: ChatCompletionRequest | CompletionRequest) -> Features:
-        """The text request's features; the intent classifier's guess when the task is not given."""
+    async def _features(self, endpoint: str, body: ChatCompletionRequest | CompletionRequest,
+                        caller: Caller) -> Features:
+        """The text request's features, for `caller`; the intent classifier's guess when the task is not given."""
         if isinstance(body, ChatCompletionRequest):
             prompt = "\n".join(m.text() for m in body.messages)
             query = next((m.text() for m in reversed(body.messages) if m.role == "user"), prompt)
@@ -378,6 +484,7 @@ class Router:
                            param="max_tokens")
         f = text_features(endpoint=endpoint, prompt=prompt, documents=body.docs(), count_tokens=self.count_tokens,
                           max_new_tokens=max_new, model=body.model, task=body.task, query=query)
+        f = replace(f, caller=caller)
         if self.intent is not None and f.task is None and f.backend is None and f.query.strip():
             # Only where the task picks the backend: a pinned model goes where it names whatever the task.
             # A thread: the MiniLM encoder takes milliseconds (bench.classifier) the event loop should not wait out.
@@ -391,10 +498,12 @@ class Router:
         if f.adapter is not None:
             return f, {"applied": False, "adapter": None, "reason": f"adapter {f.adapter!r} given by model"}
         g = Features(endpoint="chat", modality="image", tokens=0, max_new_tokens=0, pages=0, text="",
-                     task="image_classification")
+                     task="image_classification", caller=f.caller)
         try:
             out = _Outcome(self._decide(g))
         except RoutingError as exc:
+            if exc.kind == "forbidden":
+                raise
             if exc.kind != "unavailable":
                 raise ApiError(400, "this server has no image classifier to read the image with (a chat image "
                                "picks the adapter through one)", param="messages") from None
@@ -521,10 +630,12 @@ class Router:
 
     # --- logging ---------------------------------------------------------------------
 
-    def _record(self, endpoint: str, out: _Outcome | None, status: int, started: float, request_id: str) -> None:
+    def _record(self, endpoint: str, out: _Outcome | None, status: int, started: float, request_id: str,
+                caller: Caller) -> None:
         d = out.decision if out else None
         entry = {
-            "time": time.time(), "request_id": request_id, "endpoint": endpoint, "status": status,
+            "time": time.time(), "request_id": request_id, "caller": caller.name, "endpoint": endpoint,
+            "status": status,
             "task": d.task if d else None, "task_source": d.task_source if d else None,
             "chosen": d.backend if d else None, "backend": out.served_by if out else None,
             "fallback": out.fallback if out else False, "attempts": [asdict(a) for a in out.attempts] if out else [],
@@ -564,7 +675,7 @@ class Router:
             status = _ROUTING_STATUS[exc.kind]
             raise
         finally:
-            self._record(endpoint, out, status, started, request_id)
+            self._record(endpoint, out, status, started, request_id, _caller(request))
 
     # --- text endpoints ----------------------------------------------------------
 
@@ -583,7 +694,8 @@ class Router:
     async def _text(self, endpoint: str, request: Request, body: ChatCompletionRequest | CompletionRequest):
         chat = isinstance(body, ChatCompletionRequest)
         image = _chat_image(body) if chat else None
-        f = await self._features(endpoint, body)
+        f = await self._features(endpoint, body, _caller(request))
+        self.limiter.take(f.caller, "tokens", f.tokens + f.max_new_tokens)
         req = self._generation_request(body, f)
 
         async def decide(deadline: float) -> _Outcome:  # a chat image picks the adapter first
@@ -623,7 +735,7 @@ class Router:
             raise ApiError(400, f"request body is not valid JSON: {exc}") from None
         model = ChatCompletionRequest if isinstance(keys, dict) and "messages" in keys else CompletionRequest
         body = await _json_body(request, model)
-        f = await self._features("route", body)
+        f = await self._features("route", body, _caller(request))
         d = self._decide(f)
         return {"backend": d.backend, "fallbacks": list(d.fallbacks), "scores": d.scores, "excluded": d.excluded,
                 "predicted_s": d.predicted_s, "degraded": d.degraded,
@@ -640,7 +752,7 @@ class Router:
         payload = body.model_dump(include={"task", "grid", "code", "max_steps", "halt_threshold"})
         task = "puzzle_solving" if body.task == "sudoku" else "code_repair"
         f = Features(endpoint="refine", modality="grid", tokens=0, max_new_tokens=0, pages=0, text="",
-                     task=task, backend=backend, adapter=adapter)
+                     task=task, backend=backend, adapter=adapter, caller=_caller(request))
         as_text = text_f = None
         if body.task == "code_repair":  # language models take it as text: the prompt training/lm.py taught
             prompt = f"{FIX_PROMPT}\n{body.code}"
@@ -666,7 +778,7 @@ class Router:
         image, model = await _image_from(request)
         backend, adapter = split_model(model)
         f = Features(endpoint="classify", modality="image", tokens=0, max_new_tokens=0, pages=0, text="",
-                     task="image_classification", backend=backend, adapter=adapter)
+                     task="image_classification", backend=backend, adapter=adapter, caller=_caller(request))
 
         async def run(out: _Outcome, deadline: float):
             result = await self._call(out, "classify", image, deadline)
@@ -679,16 +791,19 @@ class Router:
     # --- introspection -------------------------------------------------------------
 
     @app.get("/v1/models")
-    async def models(self):
-        infos = await asyncio.gather(*(self._info(n) for n in self.handles))
+    async def models(self, request: Request):
+        """The backends and adapters this caller may use."""
+        caller = _caller(request)
+        backends = [b for b in self.cfg.backends if caller.may_use(b.name)]
+        infos = await asyncio.gather(*(self._info(b.name) for b in backends))
         data = [{"id": "auto", "object": "model", "created": self.started, "owned_by": "switchyard",
-                 "switchyard": {"kind": "router", "backends": list(self.handles)}}]
-        for b, info in zip(self.cfg.backends, infos):
+                 "switchyard": {"kind": "router", "backends": [b.name for b in backends]}}]
+        for b, info in zip(backends, infos):
             meta = {"kind": b.kind, **info, "circuit": "open" if not self._healthy(b.name) else "closed",
                     "in_flight": self.states[b.name].in_flight, "capability": b.capability.model_dump()}
             data.append({"id": b.name, "object": "model", "created": self.started, "owned_by": "switchyard",
                          "switchyard": meta})
-            for a in getattr(b, "adapters", {}):
+            for a in (a for a in getattr(b, "adapters", {}) if caller.may_use(b.name, a)):
                 data.append({"id": f"{b.name}:{a}", "object": "model", "created": self.started,
                              "owned_by": "switchyard", "parent": b.name, "switchyard": {"kind": "adapter"}})
         return {"object": "list", "data": data}

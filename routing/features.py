@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from routing.access import ANONYMOUS, Caller
 from routing.config import Modality
 
 QUERY_CHARS = 2000  # the intent classifier reads this much of the query: its cost stays bounded
@@ -29,6 +30,7 @@ class Features:
     adapter: str | None = None
     query: str = ""  # what is asked (a chat's last user message), cut to QUERY_CHARS, for the intent classifier
     intent: tuple[str, float] | None = None  # the intent classifier's (task, confidence) for `query`
+    caller: Caller = ANONYMOUS  # whose request: its permissions are a hard filter
 
 
 def split_model(model: str) -> tuple[str | None, str | None]:

@@ -19,10 +19,11 @@ from routing.config import TASKS, Capability, RoutingConfig, Rule
 from routing.cost import load_factor
 from routing.features import Features
 
-ErrorKind = Literal["invalid", "not_found", "unavailable"]
+ErrorKind = Literal["invalid", "not_found", "unavailable", "forbidden"]
 
 
 _CONTEXT = "context "  # how a too-short context's exclusion reason starts
+_FORBIDDEN = "not allowed for caller"
 
 
 class RoutingError(Exception):
@@ -155,6 +156,8 @@ class Policy:
             return f"does not serve task {task}"
         if f.adapter is not None and f.adapter not in self.adapters.get(name, ()):
             return f"has no adapter {f.adapter!r}"
+        if not f.caller.may_use(name, f.adapter):
+            return f"{_FORBIDDEN} {f.caller.name}"
         need = f.tokens + f.max_new_tokens
         if context and need > cap.max_context:
             return f"{_CONTEXT}{cap.max_context} < {f.tokens} prompt + {f.max_new_tokens} new tokens"
@@ -244,6 +247,10 @@ class Policy:
 
 def _no_route(f: Features, task: str, excluded: dict[str, str]) -> RoutingError:
     detail = "; ".join(f"{n} {why}" for n, why in excluded.items())
+    if any(why.startswith(_FORBIDDEN) for why in excluded.values()) and all(
+            why.startswith(_FORBIDDEN) or why.startswith("does not") for why in excluded.values()):
+        return RoutingError(f"caller {f.caller.name} may not use a backend that can serve this request: {detail}",
+                            "forbidden", "model")
     if f.adapter is not None and all("adapter" in why for why in excluded.values()):
         return RoutingError(f"model {f.backend}:{f.adapter} does not exist: {detail}", "not_found", "model")
     if excluded and all(why == "unhealthy" for why in excluded.values()):

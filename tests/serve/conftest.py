@@ -32,6 +32,34 @@ def app_args() -> dict:
     return yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
 
 
+# The `secure` app's callers: keys (their sha256 in the config, as a Secret would hold them) and a
+# JWT secret, passed to the replicas through the environment as KubeRay would.
+KEYS = {"sk-refiner": ["refiner"], "sk-admin": ["admin"], "sk-slow": ["slow"]}
+JWT_SECRET = "serve-test-secret-of-32-bytes-or-more"
+SECURE_AUTH = {
+    "enabled": True,
+    "keys_env": "SWITCHYARD_TEST_API_KEYS",
+    "jwt": {"algorithms": ["HS256"], "secret_env": "SWITCHYARD_TEST_JWT_SECRET", "audience": "switchyard"},
+    "roles": {"refiner": {"endpoints": ["refine", "models"], "backends": ["trm"]},
+              "admin": {},
+              "slow": {"endpoints": ["refine"], "requests_per_minute": 3}},
+}
+
+
+def _secure_env() -> None:
+    import json
+    import os
+
+    from routing.access import hash_key
+
+    os.environ["SWITCHYARD_TEST_API_KEYS"] = json.dumps(
+        [{"name": key.removeprefix("sk-"), "sha256": hash_key(key), "roles": roles} for key, roles in KEYS.items()])
+    os.environ["SWITCHYARD_TEST_JWT_SECRET"] = JWT_SECRET
+
+
+_secure_env()  # before Ray starts: its workers inherit the environment
+
+
 @pytest.fixture(scope="session")
 def routing_log_path(tmp_path_factory) -> Path:
     """The `fallback` app's durable routing log."""
@@ -53,11 +81,19 @@ def server(routing_log_path: Path) -> str:
     for b in broken["backends"]:
         if b["name"] == "mamba":
             b["engine"] = "tests.serve.engines:FailingEngine"
+    secure = copy.deepcopy(args)  # auth on, with the cheap backends only
+    secure["backends"] = [b for b in secure["backends"] if b["kind"] != "lm"]
+    secure["routing"].pop("intent")
+    for b in secure["backends"]:
+        b.pop("label_adapters", None)  # no language model here to have the adapters
+    secure["router"]["max_body_bytes"] = 65536
+    secure["auth"] = SECURE_AUTH
     ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="switchyard", route_prefix="/")
     serve.run(build_app(broken), name="fallback", route_prefix="/fallback")
+    serve.run(build_app(secure), name="secure", route_prefix="/secure")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()

@@ -81,7 +81,7 @@ def test_serve_env_is_set_where_ray_starts(manifest):
 
     for group in _groups(manifest):
         for container in group["template"]["spec"]["containers"]:
-            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert SERVE_ENV.items() <= env.items(), container["name"]
     makefile = (ROOT / "Makefile").read_text()
     assert "SERVE_ENV := " + " ".join(f"{k}={v}" for k, v in SERVE_ENV.items()) in makefile
@@ -99,3 +99,17 @@ def test_grafana_dashboard_shows_only_metrics_the_code_records():
     defined = set(re.findall(r'metrics\.\w+\(\s*"(switchyard_\w+)"', code))
     assert defined and queried == defined, (queried - defined, defined - queried)
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def test_the_gpu_service_reads_its_api_keys_from_a_secret_in_every_container():
+    """serve_config.gpu.yaml turns auth on with keys and a JWT secret from the environment; the router
+    may run on any node, so every container gets them from the Secret."""
+    manifest = yaml.safe_load((ROOT / "k8s" / "rayservice-gpu.yaml").read_text())
+    auth = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]["auth"]
+    assert auth["enabled"] and auth["keys_env"] == "SWITCHYARD_API_KEYS"
+    for group in _groups(manifest):
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in container.get("env", [])}
+            assert env[auth["keys_env"]] == {"name": "switchyard-api-keys", "key": "keys.json"}
+            assert env[auth["jwt"]["secret_env"]] == {"name": "switchyard-api-keys", "key": "jwt-secret"}
+
