@@ -141,6 +141,12 @@ class RouterConfig(Strict):
         None, description="Also append every routing log entry to this file as a JSON line (opened in append "
         "mode, one write a line, so router replicas may share it)."
     )
+    audit_log_path: str | None = Field(
+        None, description="Append one JSON line per request here: time, caller, endpoint, backend, adapter, status, "
+        "tokens in and out, latency, fallback (deployments/jsonl.py: batched, fsynced, reopened after rotation)."
+    )
+    audit_include_prompt: bool = Field(False, description="Also record the prompt text in the audit log.")
+    audit_flush_s: float = Field(1.0, ge=0, description="Audit lines are written in batches this often (0: each).")
     unhealthy_after: int = Field(
         3, gt=0, description="Consecutive failed calls after which the router avoids a backend for a cooldown."
     )

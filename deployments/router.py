@@ -15,7 +15,6 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -40,6 +39,7 @@ from deployments.api import (
     openai_error,
 )
 from deployments.config import AppConfig
+from deployments.jsonl import JsonlWriter
 from deployments.protocol import Failure
 from models import code_grid
 from models.engine import Completion, Delta, GenerationRequest
@@ -236,6 +236,11 @@ class _Outcome:
     attempts: list[_Attempt] = field(default_factory=list)
     degraded: str | None = None  # why the answer is not the full one (a cut prompt)
     image: dict[str, Any] | None = None  # a chat image's classification and the adapter it picked
+    adapter: str | None = None
+    usage: tuple[int, int] | None = None  # prompt and completion tokens, for the audit log
+    streaming: bool = False  # its audit line is written when the stream ends
+    prompt: str | None = None  # for the audit log, when it records prompts
+    logged: dict[str, Any] | None = None  # its routing log entry
 
     def headers(self) -> dict[str, str]:
         h = {"x-switchyard-backend": self.served_by or "", "x-switchyard-reason": _ascii(self.decision.reason)}
@@ -339,9 +344,10 @@ def _completion_body(result: Completion, chat: bool, model: str, out: _Outcome) 
 
 
 async def _sse(gen: Any, first: Delta, chat: bool, model: str, out: _Outcome, deadline: float,
-               include_usage: bool) -> AsyncIterator[str]:
+               include_usage: bool, on_end: Callable[[Delta | Failure | None], None]) -> AsyncIterator[str]:
     """OpenAI chunk events from backend deltas; ends with `data: [DONE]`. Cancels the backend's
-    generation when the client goes away (Starlette cancels this generator)."""
+    generation when the client goes away (Starlette cancels this generator). `on_end` gets the last
+    piece: the finishing Delta, a Failure, or None when the stream was cut."""
     cid, created = new_id("chatcmpl" if chat else "cmpl"), now()
     obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -380,15 +386,17 @@ async def _sse(gen: Any, first: Delta, chat: bool, model: str, out: _Outcome, de
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
-                yield "data: " + json.dumps(openai_error("request deadline passed mid-stream", "timeout")) + "\n\n"
+                item = Failure("internal", "request deadline passed mid-stream")
+                yield "data: " + json.dumps(openai_error(item.message, "timeout")) + "\n\n"
                 break
             except (RayActorError, RayTaskError) as exc:
-                message = f"backend failed mid-stream: {type(exc).__name__}"
-                yield "data: " + json.dumps(openai_error(message, "internal_server_error")) + "\n\n"
+                item = Failure("internal", f"backend failed mid-stream: {type(exc).__name__}")
+                yield "data: " + json.dumps(openai_error(item.message, "internal_server_error")) + "\n\n"
                 break
         yield "data: [DONE]\n\n"
     finally:
         gen.cancel()
+        on_end(item if isinstance(item, Failure) or item.finish_reason is not None else None)
 
 
 # serve.ingress pickles the app when it decorates: everything the class uses is defined above.
@@ -410,11 +418,11 @@ class Router:
         self.unhealthy_until = {b.name: 0.0 for b in cfg.backends}
         self.failures = {b.name: 0 for b in cfg.backends}  # consecutive failed calls
         self.log: deque[dict[str, Any]] = deque(maxlen=cfg.router.routing_log_size)
-        self.log_sink = None
+        self.log_sink = self.audit = None
         if cfg.router.routing_log_path is not None:
-            path = Path(cfg.router.routing_log_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.log_sink = path.open("a", encoding="utf-8", buffering=1)  # line-buffered: a write a line
+            self.log_sink = JsonlWriter(cfg.router.routing_log_path, flush_s=0)  # a line as each request ends
+        if cfg.router.audit_log_path is not None:
+            self.audit = JsonlWriter(cfg.router.audit_log_path, flush_s=cfg.router.audit_flush_s)
         self.started = now()
         from transformers import AutoTokenizer  # the router process needs it only here
 
@@ -644,14 +652,42 @@ class Router:
             "latency_ms": round((time.perf_counter() - started) * 1e3, 2),
         }
         self.log.append(entry)
+        if out is not None:
+            out.logged = entry
         self.m_requests.inc(tags={"endpoint": endpoint, "backend": entry["backend"] or "none", "status": str(status)})
         for attempt in out.attempts if out else ():
             self.m_fallbacks.inc(tags={"endpoint": endpoint, "backend": attempt.backend})
         if self.log_sink is not None:
-            try:
-                self.log_sink.write(json.dumps(entry) + "\n")
-            except OSError as exc:  # a full disk must not fail the request
-                logger.warning("routing log sink %s: %s", self.cfg.router.routing_log_path, exc)
+            self.log_sink.write(entry)
+        if self.audit is not None and not (out is not None and out.streaming and status == 200):
+            self._audit(entry, out)
+
+    def _audit(self, entry: dict[str, Any], out: _Outcome | None) -> None:
+        """The request's audit line; a stream's when it ends (with its token counts)."""
+        usage = out.usage if out is not None else None
+        line = {k: entry[k] for k in ("time", "request_id", "caller", "endpoint", "backend", "status", "fallback",
+                                      "latency_ms")} | {"error": entry.get("error")}
+        line |= {"adapter": out.adapter if out else None, "prompt_tokens": usage[0] if usage else None,
+                 "completion_tokens": usage[1] if usage else None}
+        if self.cfg.router.audit_include_prompt:
+            line["prompt"] = out.prompt if out else None
+        self.audit.write(line)
+
+    def _ended(self, out: _Outcome, last: Delta | Failure | None) -> None:
+        """A stream's audit line, when it has ended: cut short (the client left or the deadline passed)
+        or failed mid-stream is in `error`."""
+        if self.audit is None or out.logged is None:
+            return
+        if isinstance(last, Delta):
+            out.usage = (last.prompt_tokens, last.completion_tokens)
+        error = last.message if isinstance(last, Failure) else "stream cut short" if last is None else None
+        seconds = time.time() - out.logged["time"]
+        self._audit(out.logged | {"latency_ms": round(out.logged["latency_ms"] + seconds * 1e3, 2), "error": error}, out)
+
+    def __del__(self):  # Serve calls it when the replica shuts down: the last batch is written
+        for writer in (self.log_sink, self.audit):
+            if writer is not None:
+                writer.close()
 
     async def _served(self, endpoint: str, request: Request, decide: Callable[[float], Any],
                       run: Callable[[_Outcome, float], Any]) -> Any:
@@ -705,13 +741,16 @@ class Router:
             return _Outcome(self._decide(f), image=summary)
 
         async def run(out: _Outcome, deadline: float):
+            out.adapter, out.prompt = f.adapter, f.text if self.cfg.router.audit_include_prompt else None
             if body.stream:
                 gen, first = await self._open_stream(out, req, deadline)
                 model = out.served_by if f.adapter is None else f"{out.served_by}:{f.adapter}"
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = _sse(gen, first, chat, model, out, deadline, include_usage)
+                out.streaming = True
+                events = _sse(gen, first, chat, model, out, deadline, include_usage, lambda last: self._ended(out, last))
                 return StreamingResponse(events, media_type="text/event-stream", headers=out.headers())
             result: Completion = await self._call(out, "generate", req, deadline)
+            out.usage = (result.prompt_tokens, result.completion_tokens)
             model = out.served_by if f.adapter is None else f"{out.served_by}:{f.adapter}"
             return JSONResponse(_completion_body(result, chat, model, out), headers=out.headers())
 

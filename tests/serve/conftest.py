@@ -1,8 +1,9 @@
 """One real Ray Serve instance per test session, with the app on the embedded tiny models.
 
-Two applications: `switchyard` at / (serve_config.yaml's args) and `fallback` at /fallback,
-the same app whose mamba backend fails every call (routed by score, so long prompts go to mamba first),
-with only the language models, and with a durable routing log (`routing_log_path`).
+Three applications: `switchyard` at / (serve_config.yaml's args); `fallback` at /fallback, the same
+app whose mamba backend fails every call (routed by score, so long prompts go to mamba first), with
+only the language models, a durable routing log (`routing_log_path`) and an audit log; and `secure`
+at /secure, with auth on and only trm and dinov2.
 """
 
 from __future__ import annotations
@@ -67,7 +68,13 @@ def routing_log_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(routing_log_path: Path) -> str:
+def audit_log_path(tmp_path_factory) -> Path:
+    """The `fallback` app's audit log (prompts included)."""
+    return tmp_path_factory.mktemp("audit") / "audit.jsonl"
+
+
+@pytest.fixture(scope="session")
+def server(routing_log_path: Path, audit_log_path: Path) -> str:
     import ray
     from ray import serve
 
@@ -78,6 +85,7 @@ def server(routing_log_path: Path) -> str:
     broken["backends"] = [b for b in broken["backends"] if b["kind"] == "lm"]
     broken["routing"]["strategy"] = "score"  # mamba first for long prompts, whatever the measured costs
     broken["router"]["routing_log_path"] = str(routing_log_path)
+    broken["router"] |= {"audit_log_path": str(audit_log_path), "audit_include_prompt": True, "audit_flush_s": 0.2}
     for b in broken["backends"]:
         if b["name"] == "mamba":
             b["engine"] = "tests.serve.engines:FailingEngine"

@@ -523,6 +523,31 @@ def test_routing_log_sink_gets_every_entry_as_a_json_line(client, routing_log_pa
     assert "req-sink-test" not in client.get("/v1/routing/log").text  # the other app's log
 
 
+def test_audit_log_has_a_line_per_request_with_tokens_streams_included(client, audit_log_path):
+    unary = client.post("/fallback/v1/chat/completions", json=chat("audit me", max_tokens=3),
+                        headers={"x-request-id": "req-audit-unary"})
+    stream = client.post("/fallback/v1/completions", json={"prompt": "audit the stream", "max_tokens": 3,
+                                                           "temperature": 0, "stream": True},
+                         headers={"x-request-id": "req-audit-stream"})
+    assert unary.status_code == stream.status_code == 200
+    sse(stream)
+    found: dict = {}
+    for _ in range(50):  # written in batches, 0.2 s apart here
+        found = {e["request_id"]: e for e in map(json.loads, audit_log_path.read_text().splitlines())
+                 if e["request_id"].startswith("req-audit")} if audit_log_path.exists() else {}
+        if len(found) == 2:
+            break
+        time.sleep(0.1)
+    u, st = found["req-audit-unary"], found["req-audit-stream"]
+    usage = unary.json()["usage"]
+    assert (u["caller"], u["endpoint"], u["backend"], u["status"], u["adapter"], u["fallback"]) == \
+        ("anonymous", "chat", "transformer", 200, None, False)
+    assert (u["prompt_tokens"], u["completion_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
+    assert u["prompt"] == "audit me" and u["latency_ms"] > 0 and u["error"] is None
+    assert st["endpoint"] == "completions" and st["completion_tokens"] == 3 and st["prompt_tokens"] > 0
+    assert st["error"] is None and st["latency_ms"] >= 0
+
+
 # --- the official openai client -------------------------------------------------------
 
 
