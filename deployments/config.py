@@ -150,7 +150,13 @@ class RouterConfig(Strict):
     unhealthy_after: int = Field(
         3, gt=0, description="Consecutive failed calls after which the router avoids a backend for a cooldown."
     )
-    unhealthy_cooldown_s: float = Field(10, ge=0, description="How long the router avoids a failing backend.")
+    unhealthy_cooldown_s: float = Field(10, ge=0, description="How long the router avoids a failing backend "
+                                        "before one probe call (routing/breaker.py).")
+    breaker_failure_rate: float | None = Field(
+        0.5, gt=0, le=1, description="Also open a backend's circuit when this share of its last breaker_window "
+        "calls failed; null: consecutive failures only."
+    )
+    breaker_window: int = Field(20, gt=0, description="Calls the failure rate is taken over.")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
 

@@ -44,6 +44,7 @@ from deployments.protocol import Failure
 from models import code_grid
 from models.engine import Completion, Delta, GenerationRequest
 from routing.access import ANONYMOUS, Access, AccessError, Caller, RateLimiter
+from routing.breaker import CircuitBreaker
 from routing.config import TASKS
 from routing.features import Features, split_model, text_features
 from routing.policy import BackendState, Decision, Policy, RoutingError, choose_adapter
@@ -415,8 +416,9 @@ class Router:
             b.name: BackendState(capacity=_capacity(b.deployment.num_replicas, b.deployment.max_ongoing_requests))
             for b in cfg.backends
         }
-        self.unhealthy_until = {b.name: 0.0 for b in cfg.backends}
-        self.failures = {b.name: 0 for b in cfg.backends}  # consecutive failed calls
+        r = cfg.router
+        self.breakers = {b.name: CircuitBreaker(r.unhealthy_after, r.unhealthy_cooldown_s, r.breaker_failure_rate,
+                                                r.breaker_window) for b in cfg.backends}
         self.log: deque[dict[str, Any]] = deque(maxlen=cfg.router.routing_log_size)
         self.log_sink = self.audit = None
         if cfg.router.routing_log_path is not None:
@@ -466,9 +468,9 @@ class Router:
     # --- decision -------------------------------------------------------------------
 
     def _decide(self, f: Features, as_text: Features | None = None) -> Decision:
-        start, t = time.perf_counter(), time.monotonic()
+        start = time.perf_counter()
         for name, state in self.states.items():
-            state.healthy = t >= self.unhealthy_until[name]
+            state.healthy = self.breakers[name].available()
             if self.unhealthy_shown.get(name) != state.healthy:  # set on change: a set costs microseconds
                 self.m_unhealthy.set(float(not state.healthy), tags={"backend": name})
                 self.unhealthy_shown[name] = state.healthy
@@ -545,6 +547,9 @@ class Router:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            if not self.breakers[name].try_call():
+                out.attempts.append(_Attempt(name, f"circuit {self.breakers[name].state}"))
+                continue
             text = as_text is not None and name in out.decision.as_text
             m, a = as_text[:2] if text else (method, arg)
             state = self.states[name]
@@ -584,10 +589,11 @@ class Router:
                 out.attempts.append(_Attempt(name, f"{why}: {result.message}"))
                 return False
             if result.kind == "invalid":
+                self.breakers[name].record(failed=False)  # the backend is fine: the request is not
                 raise ApiError(400, result.message)
             self._failed(out, name, result.message)
             return False
-        self.failures[name] = 0
+        self.breakers[name].record(failed=False)
         out.served_by = name
         cut = getattr(result, "truncated_tokens", 0)  # the engine's count: the router's estimate may differ
         if name in out.decision.degraded and cut:
@@ -597,10 +603,7 @@ class Router:
     def _failed(self, out: _Outcome, name: str, error: str) -> None:
         logger.warning("backend %s failed: %s", name, error)
         out.attempts.append(_Attempt(name, error))
-        self.failures[name] += 1
-        if self.failures[name] >= self.cfg.router.unhealthy_after:
-            self.unhealthy_until[name] = time.monotonic() + self.cfg.router.unhealthy_cooldown_s
-            self.failures[name] = 0
+        self.breakers[name].record(failed=True)
 
     def _exhausted(self, out: _Outcome, deadline: float) -> ApiError:
         tried = "; ".join(f"{a.backend}: {a.error}" for a in out.attempts) or "none"
@@ -619,6 +622,9 @@ class Router:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            if not self.breakers[name].try_call():
+                out.attempts.append(_Attempt(name, f"circuit {self.breakers[name].state}"))
+                continue
             gen = self.handles[name].options(stream=True).stream.remote(_for(out, name, req))
             try:
                 first = await asyncio.wait_for(gen.__anext__(), remaining)
@@ -838,7 +844,7 @@ class Router:
         data = [{"id": "auto", "object": "model", "created": self.started, "owned_by": "switchyard",
                  "switchyard": {"kind": "router", "backends": [b.name for b in backends]}}]
         for b, info in zip(backends, infos):
-            meta = {"kind": b.kind, **info, "circuit": "open" if not self._healthy(b.name) else "closed",
+            meta = {"kind": b.kind, **info, "circuit": self.breakers[b.name].state,
                     "in_flight": self.states[b.name].in_flight, "capability": b.capability.model_dump()}
             data.append({"id": b.name, "object": "model", "created": self.started, "owned_by": "switchyard",
                          "switchyard": meta})
@@ -846,9 +852,6 @@ class Router:
                 data.append({"id": f"{b.name}:{a}", "object": "model", "created": self.started,
                              "owned_by": "switchyard", "parent": b.name, "switchyard": {"kind": "adapter"}})
         return {"object": "list", "data": data}
-
-    def _healthy(self, name: str) -> bool:
-        return time.monotonic() >= self.unhealthy_until[name]
 
     async def _info(self, name: str) -> dict[str, Any]:
         try:
@@ -878,4 +881,5 @@ class Router:
 
     @app.get("/healthz")
     async def healthz(self):
-        return {"status": "ok", "backends": {n: "ok" if self._healthy(n) else "cooling down" for n in self.handles}}
+        return {"status": "ok", "backends": {n: {"closed": "ok", "open": "circuit open", "half_open": "probing"}[
+            self.breakers[n].state] for n in self.handles}}

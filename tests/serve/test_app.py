@@ -615,6 +615,19 @@ def test_pinned_failing_backend_is_503(client):
     assert_openai_error(r, 503)
 
 
+def test_a_failing_backend_opens_its_circuit_and_the_router_says_so(client):
+    for _ in range(3):  # unhealthy_after: 3 failed calls in a row
+        client.post("/fallback/v1/chat/completions", json=chat("x", model="mamba"))
+    models = {m["id"]: m["switchyard"] for m in client.get("/fallback/v1/models").json()["data"]}
+    assert models["mamba"]["circuit"] in ("open", "half_open") and models["transformer"]["circuit"] == "closed"
+    assert client.get("/fallback/healthz").json()["backends"]["mamba"] in ("circuit open", "probing")
+    r = client.post("/fallback/v1/chat/completions", json=chat("x", model="mamba"))
+    err = assert_openai_error(r, 503)
+    assert "unhealthy" in err["message"] and int(r.headers["retry-after"]) >= 1
+    auto = client.post("/fallback/v1/completions", json={"prompt": LONG_PROMPT, "max_tokens": 2})
+    assert auto.status_code == 200 and auto.headers["x-switchyard-backend"] == "transformer"
+
+
 # --- bad input --------------------------------------------------------------------------
 
 BAD = [
