@@ -98,6 +98,7 @@ _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", 
               "/v1/refine": "refine", "/v1/classify": "classify", "/v1/models": "models",
               "/v1/routing/log": "routing_log"}
 _OPEN = {"/healthz"}  # no caller needed
+_OVERLOADED = "overloaded: its queue is full"
 
 
 class _BodyTooLarge(Exception):
@@ -561,7 +562,10 @@ class Router:
                 response.cancel()
                 self._failed(out, name, f"no answer within the {self.cfg.router.request_timeout_s:g} s deadline")
                 break
-            except (RayActorError, RayTaskError, BackPressureError, RequestCancelledError) as exc:
+            except BackPressureError:  # full, not broken: no mark against its circuit
+                out.attempts.append(_Attempt(name, _OVERLOADED))
+                continue
+            except (RayActorError, RayTaskError, RequestCancelledError) as exc:
                 self._failed(out, name, f"{type(exc).__name__}")
                 continue
             finally:
@@ -611,6 +615,9 @@ class Router:
             return ApiError(400, f"no backend can take this request: {tried}")
         if time.monotonic() >= deadline or any("deadline" in a.error for a in out.attempts):
             return ApiError(504, f"request deadline passed; tried {tried}", type_="timeout")
+        if out.attempts and all(a.error == _OVERLOADED for a in out.attempts):
+            return ApiError(503, f"every capable backend is at capacity; tried {tried}", type_="service_unavailable",
+                            headers={"Retry-After": "1"})
         retry = max(1, round(self.cfg.router.unhealthy_cooldown_s))
         return ApiError(503, f"every capable backend failed; tried {tried}", type_="service_unavailable",
                         headers={"Retry-After": str(retry)})
@@ -632,7 +639,11 @@ class Router:
                 gen.cancel()
                 self._failed(out, name, "no first token before the deadline")
                 break
-            except (RayActorError, RayTaskError, BackPressureError, RequestCancelledError, StopAsyncIteration) as exc:
+            except BackPressureError:
+                gen.cancel()
+                out.attempts.append(_Attempt(name, _OVERLOADED))
+                continue
+            except (RayActorError, RayTaskError, RequestCancelledError, StopAsyncIteration) as exc:
                 gen.cancel()
                 self._failed(out, name, type(exc).__name__)
                 continue

@@ -94,7 +94,14 @@ def server(routing_log_path: Path, audit_log_path: Path) -> str:
     secure["routing"].pop("intent")
     for b in secure["backends"]:
         b.pop("label_adapters", None)  # no language model here to have the adapters
-    secure["router"]["max_body_bytes"] = 65536
+        if b["kind"] == "trm":  # a small queue, for the overload test
+            b["max_batch_size"] = 4
+            b["deployment"] |= {"max_ongoing_requests": 4, "max_queued_requests": 4}
+    secure["router"] |= {"max_body_bytes": 65536, "request_timeout_s": 3}
+    secure["backends"].append({
+        "name": "hang", "kind": "lm", "engine": "tests.serve.engines:HangingEngine", "model": "unused",
+        "capability": {"modalities": ["text"], "max_context": 1024, "tasks": {"text_generation": 1.0}},
+        "deployment": {"ray_actor_options": {"num_cpus": 0}}})
     secure["auth"] = SECURE_AUTH
     ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
     port = free_port()
