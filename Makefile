@@ -10,17 +10,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-.PHONY: setup serve test models test-vllm
+.PHONY: setup serve test test-vllm
 setup: $(STAMP)
-
-models: $(STAMP)
-	$(PY) -m training.defaults
 
 # Ray Serve's latency settings (deployments/serve_env.py says what each does; a test keeps this line
 # equal to that table). They must be in the environment of the process that starts Ray.
 SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_PROXY_USE_GRPC=1
 
-serve: models
+serve: $(STAMP)
 	$(SERVE_ENV) .venv/bin/serve run serve_config.yaml
 
 test: $(STAMP)

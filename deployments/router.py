@@ -125,8 +125,9 @@ class _Guard:
         if length is not None and length.isdigit() and int(length) > limit:
             return await _send_error(scope, receive, send, 413, f"request body is {int(length)} bytes; the limit is "
                                      f"{limit}", "invalid_request_error")
-        path = scope.get("path", "")
-        path = path[len(scope.get("root_path", "")):] if path.startswith(scope.get("root_path", "")) else path
+        path, root = scope.get("path", ""), scope.get("root_path", "").rstrip("/")
+        if root and (path == root or path.startswith(root + "/")):  # the app's own path under a route prefix
+            path = path[len(root):] or "/"
         if path not in _OPEN:
             try:
                 caller = router.access.authenticate(headers.get(b"authorization", b"").decode("latin-1") or None)
@@ -423,7 +424,8 @@ class Router:
         self.log: deque[dict[str, Any]] = deque(maxlen=cfg.router.routing_log_size)
         self.log_sink = self.audit = None
         if cfg.router.routing_log_path is not None:
-            self.log_sink = JsonlWriter(cfg.router.routing_log_path, flush_s=0)  # a line as each request ends
+            # a line as each request ends, no fsync on the event loop: the audit log is the durable one
+            self.log_sink = JsonlWriter(cfg.router.routing_log_path, flush_s=0, fsync=False)
         if cfg.router.audit_log_path is not None:
             self.audit = JsonlWriter(cfg.router.audit_log_path, flush_s=cfg.router.audit_flush_s)
         self.started = now()
@@ -514,7 +516,8 @@ class Router:
             out = _Outcome(self._decide(g))
         except RoutingError as exc:
             if exc.kind == "forbidden":
-                raise
+                return f, {"applied": False, "adapter": None,
+                           "reason": f"image not classified: caller {f.caller.name} may not use a classifier"}
             if exc.kind != "unavailable":
                 raise ApiError(400, "this server has no image classifier to read the image with (a chat image "
                                "picks the adapter through one)", param="messages") from None
@@ -530,8 +533,13 @@ class Router:
         choice = choose_adapter(label, confidence, cfg.label_adapters, cfg.adapter_min_confidence, f.backend)
         summary = {"backend": out.served_by, "label": label, "confidence": confidence, "applied": choice.applied,
                    "adapter": choice.adapter, "threshold": cfg.adapter_min_confidence, "reason": choice.reason}
-        if choice.applied:
-            f = replace(f, adapter=choice.adapter.rpartition(":")[2], backend=choice.backend)
+        adapter = (choice.adapter or "").rpartition(":")[2]
+        if choice.applied and not any(f.caller.may_use(b, adapter) for b, names in self.policy.adapters.items()
+                                      if adapter in names and choice.backend in (None, b)):
+            summary |= {"applied": False, "adapter": None,
+                        "reason": f"{choice.reason}, but caller {f.caller.name} may not use {choice.adapter}: base model"}
+        elif choice.applied:
+            f = replace(f, adapter=adapter, backend=choice.backend)
         return f, summary
 
     # --- calls with fallback -------------------------------------------------------

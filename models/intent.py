@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -112,9 +113,10 @@ class SentenceEncoder:
         if int8:  # int8 weights in the Linear layers: 2.4x faster a sentence on one CPU thread (bench.classifier)
             self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         self.max_length = max_length
+        self.lock = threading.Lock()  # a fast tokenizer used from two threads at once raises "Already borrowed"
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        with self.torch.inference_mode():
+        with self.lock, self.torch.inference_mode():
             batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                    return_tensors="pt")
             states = self.model(**batch).last_hidden_state  # (N, T, D)

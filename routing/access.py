@@ -89,7 +89,7 @@ class AuthConfig(Strict):
 
 
 class AccessError(Exception):
-    def __init__(self, status: Literal[401, 403, 429], message: str, retry_after: float | None = None):
+    def __init__(self, status: Literal[400, 401, 403, 429], message: str, retry_after: float | None = None):
         super().__init__(message)
         self.status, self.message, self.retry_after = status, message, retry_after
 
@@ -159,9 +159,17 @@ class Access:
             if config.jwt.secret_env:
                 if config.jwt.secret_env not in os.environ:
                     raise ValueError(f"auth.jwt.secret_env names {config.jwt.secret_env}, which is not set")
-                self.jwt_keys["HS256"] = os.environ[config.jwt.secret_env]
+                secret = os.environ[config.jwt.secret_env]
+                if len(secret.encode()) < 32:
+                    raise ValueError(f"{config.jwt.secret_env} holds {len(secret.encode())} bytes; an HS256 secret "
+                                     "needs 32 or more")
+                self.jwt_keys["HS256"] = secret
             if config.jwt.public_key_file:
-                self.jwt_keys["RS256"] = Path(config.jwt.public_key_file).read_text()
+                from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+                pem = Path(config.jwt.public_key_file).read_bytes()
+                load_pem_public_key(pem)  # a bad key fails at start, not at the first token
+                self.jwt_keys["RS256"] = pem.decode()
 
     def authenticate(self, authorization: str | None) -> Caller:
         if not self.config.enabled:
@@ -194,12 +202,13 @@ class Access:
                                 options={"require": ["exp", "aud", "sub"]})
         except jwt.ExpiredSignatureError:
             raise AccessError(401, "JWT has expired") from None
-        except jwt.InvalidTokenError as exc:
+        except jwt.PyJWTError as exc:
             raise AccessError(401, f"invalid JWT: {exc}") from None
         roles = claims.get(settings.roles_claim) or []
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise AccessError(401, f"JWT claim {settings.roles_claim!r} must be a list of role names")
-        return caller_of(str(claims["sub"]), roles, self.config.roles)
+        # "jwt:" keeps a token's subject apart from the API keys' names (buckets, audit log)
+        return caller_of(f"jwt:{claims['sub']}", roles, self.config.roles)
 
 
 @dataclass
@@ -231,9 +240,9 @@ class RateLimiter:
         bucket = self.buckets.setdefault((caller.name, kind), _Bucket(capacity, now))
         bucket.tokens = min(capacity, bucket.tokens + (now - bucket.updated) * capacity / 60)
         bucket.updated = now
-        if amount > capacity:
-            raise AccessError(429, f"this request needs {amount:g} {kind}, more than the {capacity:g} a minute "
-                              f"caller {caller.name!r} may use here", retry_after=60)
+        if amount > capacity:  # it would never fit: a 400, not a 429 to retry
+            raise AccessError(400, f"this request needs {amount:g} {kind}, more than the {capacity:g} a minute "
+                              f"caller {caller.name!r} may use here; ask for fewer max_tokens")
         if bucket.tokens < amount:
             wait = (amount - bucket.tokens) * 60 / capacity
             raise AccessError(429, f"rate limit: {per_minute:g} {kind} a minute for caller {caller.name!r}; "

@@ -37,9 +37,10 @@ class CircuitBreaker:
 
     def available(self) -> bool:
         """Whether the router may plan a call here now (the decision's health filter)."""
-        if self.state == "open":
-            return self.clock() - self.opened_at >= self.cooldown_s
-        return self.state == "closed"
+        if self.state == "closed":
+            return True
+        since = self.clock() - (self.opened_at if self.state == "open" else self.probe_at)
+        return since >= self.cooldown_s  # open: the cooldown is over; half-open: the probe is lost
 
     def try_call(self) -> bool:
         """Whether a call may go now; a call after the cooldown becomes the one probe."""

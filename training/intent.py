@@ -73,12 +73,15 @@ def train(data: str | Path = DATA, encoder: Encoder = "minilm+tfidf", out: str |
     model = IntentClassifier(config, encoders, weight, bias)
     pred = model.probabilities([texts[i] for i in test_idx]).argmax(1)  # the saved head, as served
     metrics, table = linear_probe.report(labels, y[test_idx], pred)
-    metrics.update(encoder=encoder, int8=int8, C=c, cv_accuracy=cv, n_train=len(train_idx), data=str(data), test_fraction=test_fraction,
-                   seed=seed, seconds=round(time.perf_counter() - start, 2))
+    metrics.update(encoder=encoder, int8=int8, C=c, cv_accuracy=cv, n_train=len(train_idx), data=Path(data).name,
+                   test_fraction=test_fraction, seed=seed, seconds=round(time.perf_counter() - start, 2))
     logger.info("held-out confusion (rows true, columns predicted):\n%s", table)
     config.metrics = {k: v for k, v in metrics.items() if k != "confusion"}
     if out is not None:
         model.save(out)
+        command = (f"python -m training.intent --out {out} --encoder {encoder}" + (" --int8" if int8 else "")
+                   + f" --seed {seed}" + ("" if Path(data) == DATA else f" --data {data}"))
+        (Path(out) / "training.json").write_text(json.dumps(metrics | {"command": command}, indent=2))
         logger.info("saved %s intent classifier to %s", encoder, out)
     return model, metrics
 

@@ -73,9 +73,9 @@ def test_missing_or_wrong_credentials_are_401(access: Access, header):
 
 def test_jwt_hs256_and_rs256(access: Access, rsa_keys):
     carol = access.authenticate("Bearer " + token(SECRET))
-    assert (carol.name, carol.roles) == ("carol", ("user",))
+    assert (carol.name, carol.roles) == ("jwt:carol", ("user",))  # apart from the API keys' names
     dave = access.authenticate("Bearer " + token(rsa_keys[0], "RS256", sub="dave", roles=["admin"]))
-    assert dave.name == "dave" and dave.may_call("routing_log")
+    assert dave.name == "jwt:dave" and dave.may_call("routing_log")
 
 
 @pytest.mark.parametrize("claims, message", [
@@ -156,7 +156,7 @@ def test_each_router_replica_holds_its_share():
         limiter.take(caller, "tokens", 1)
     with pytest.raises(AccessError, match="more than the 250 a minute") as err:
         limiter.take(caller, "tokens", 251)
-    assert err.value.retry_after == 60
+    assert err.value.status == 400 and err.value.retry_after is None  # it would never fit: no use retrying
 
 
 def test_permission_is_a_hard_filter_in_the_policy():
@@ -180,3 +180,15 @@ def test_permission_is_a_hard_filter_in_the_policy():
         with pytest.raises(RoutingError) as err:
             policy.decide(feat(caller=only_transformer, model=model))
         assert err.value.kind == "forbidden" and "may not use" in err.value.message
+
+
+def test_weak_or_broken_jwt_keys_fail_at_start(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("SHORT", "too-short")
+    with pytest.raises(ValueError, match="needs 32 or more"):
+        Access(AuthConfig.model_validate({"jwt": {"algorithms": ["HS256"], "secret_env": "SHORT", "audience": "a"}}))
+    bad = tmp_path / "bad.pem"
+    bad.write_text("-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
+    with pytest.raises(ValueError):
+        Access(AuthConfig.model_validate({"jwt": {"algorithms": ["RS256"], "public_key_file": str(bad),
+                                                  "audience": "a"}}))
+

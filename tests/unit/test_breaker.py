@@ -69,7 +69,9 @@ def test_a_probe_that_never_reports_is_replaced_after_a_cooldown():
     assert b.try_call()  # its caller goes away without a word
     now[0] = 19.9
     assert not b.try_call()
+    assert not b.available()
     now[0] = 20
+    assert b.available()  # the router plans calls here again, so the next one can be the probe
     assert b.try_call() and b.state == "half_open"
 
 

@@ -47,7 +47,9 @@ def test_analyze_keeps_words_bigrams_and_character_grams_apart():
 
 def test_training_reports_held_out_figures_and_saves_no_pickle(tfidf):
     model, metrics, out = tfidf
-    assert {p.name for p in out.iterdir()} == {"intent.json", "intent.safetensors", "vocabulary.json"}
+    assert {p.name for p in out.iterdir()} == {"intent.json", "intent.safetensors", "vocabulary.json",
+                                                "training.json"}
+    assert json.loads((out / "training.json").read_text())["command"].endswith("--encoder tfidf --seed 0")
     n = len(read(DATA)[0])
     assert metrics["n"] + metrics["n_train"] == n and metrics["n"] == pytest.approx(n / 4, abs=4)
     assert metrics["accuracy"] > 0.5  # 0.76 measured; chance is 1/7
@@ -127,3 +129,19 @@ def test_report_table_and_figures():
     assert metrics["accuracy"] == pytest.approx(0.6667, abs=1e-4) and metrics["recall"] == {"a": 0.5, "b": 1.0}
     assert metrics["confusion"] == [[1, 1], [0, 1]]
     assert table.splitlines()[1].split() == ["a", "1", "1"]
+
+
+def test_the_committed_default_reproduces_its_held_out_accuracy():
+    from training.defaults import TRAINED_DIR, resolve_model
+
+    path = TRAINED_DIR / "intent"
+    report = json.loads((path / "training.json").read_text())
+    assert resolve_model("embedded:intent") == str(path) and report["accuracy"] >= 0.9
+    model = IntentClassifier.load(path)
+    assert (model.config.encoder, model.config.int8) == ("minilm+tfidf", True)
+    texts, tasks = read(DATA)
+    y = np.array([model.config.labels.index(t) for t in tasks])
+    _, test = linear_probe.split(y, report["test_fraction"], report["seed"])
+    pred = model.probabilities([texts[i] for i in test]).argmax(1)
+    assert float((pred == y[test]).mean()) == pytest.approx(report["accuracy"], abs=1e-3)
+

@@ -65,3 +65,12 @@ def test_a_failed_write_is_logged_and_dropped(tmp_path: Path, caplog):
     path.mkdir()  # the path is now a directory: opening it fails
     w.write({"i": 0})
     assert "lost" in caplog.text and w.buffer == []
+
+
+def test_a_lone_surrogate_does_not_lose_the_batch(tmp_path: Path):
+    path = tmp_path / "a.jsonl"
+    w = JsonlWriter(path, flush_s=0)
+    w.write({"prompt": json.loads('"\\ud800 oops"')})  # valid JSON text, not encodable as UTF-8
+    w.write({"i": 1})
+    assert lines(path) == [{"prompt": "\ud800 oops"}, {"i": 1}]
+
