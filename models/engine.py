@@ -32,6 +32,14 @@ class GenerationRequest:
     # degraded fallback to a backend with a shorter context).
     truncate: bool = False
 
+    def __post_init__(self):
+        # As vLLM does: a temperature this close to 0 is greedy decoding. Dividing logits by it
+        # overflows to inf and NaN probabilities (a fuzzed 1e-300 crashed both engines).
+        if self.temperature < SAMPLING_EPS:
+            self.temperature = 0.0
+
+
+SAMPLING_EPS = 1e-5
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -83,7 +91,10 @@ class Unsupported(ValueError):
 def fit_prompt(ids: list[int], request: GenerationRequest, max_context: int | None) -> tuple[list[int], int]:
     """(prompt ids, tokens cut): `ids` when prompt plus max_tokens fit `max_context`; otherwise, with
     `request.truncate`, the first and last halves of what fits (the instructions and documents'
-    start, the question and the generation prompt at the end), else InvalidRequest."""
+    start, the question and the generation prompt at the end), else InvalidRequest. No ids at all
+    is InvalidRequest too."""
+    if not ids:  # an empty prompt would fail inside the model, which the router would count against it
+        raise InvalidRequest("the prompt is empty: there are no tokens to continue from")
     budget = None if max_context is None else max_context - request.max_tokens
     if budget is None or len(ids) <= budget:
         return ids, 0

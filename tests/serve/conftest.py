@@ -2,8 +2,9 @@
 
 Three applications: `switchyard` at / (serve_config.yaml's args); `fallback` at /fallback, the same
 app whose mamba backend fails every call (routed by score, so long prompts go to mamba first), with
-only the language models, a durable routing log (`routing_log_path`) and an audit log; and `secure`
-at /secure, with auth on and only trm and dinov2.
+only the language models, a durable routing log (`routing_log_path`) and an audit log; `secure`
+at /secure, with auth on and only trm and dinov2 (and a backend that hangs); and `fuzz` at /fuzz,
+the default app with answers capped at 8 tokens, for tests/serve/test_fuzz.py.
 """
 
 from __future__ import annotations
@@ -103,12 +104,15 @@ def server(routing_log_path: Path, audit_log_path: Path) -> str:
         "capability": {"modalities": ["text"], "max_context": 1024, "tasks": {"text_generation": 1.0}},
         "deployment": {"ray_actor_options": {"num_cpus": 0}}})
     secure["auth"] = SECURE_AUTH
+    fuzz = copy.deepcopy(args)  # for schemathesis: every model, answers capped at 8 tokens
+    fuzz["router"] |= {"max_tokens": 8, "default_max_tokens": 8}
     ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="switchyard", route_prefix="/")
     serve.run(build_app(broken), name="fallback", route_prefix="/fallback")
     serve.run(build_app(secure), name="secure", route_prefix="/secure")
+    serve.run(build_app(fuzz), name="fuzz", route_prefix="/fuzz")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()

@@ -216,6 +216,18 @@ def test_ignore_eos_runs_to_max_tokens(models):
     assert [c.completion_tokens for c in run(go())] == [40] * len(PROMPTS)
 
 
+def test_a_temperature_near_zero_is_greedy(models):
+    assert req("x", 4, temperature=1e-300).temperature == 0.0 and req("x", 4, temperature=1e-5).temperature == 1e-5
+
+    async def go():  # 1e-300 used to overflow the logits to NaN probabilities and fail the backend
+        engine = HFEngine(models["main"], max_context=64)
+        await engine.start()
+        return [await engine.generate(req("hello there", 4, temperature=t)) for t in (1e-300, 0)]
+
+    tiny, greedy = run(go())
+    assert tiny.text == greedy.text and tiny.completion_tokens == 4
+
+
 def test_fit_prompt_keeps_head_and_tail_only_when_asked():
     ids = list(range(100))
     assert fit_prompt(ids, req("x", 4), None) == (ids, 0)
@@ -223,6 +235,9 @@ def test_fit_prompt_keeps_head_and_tail_only_when_asked():
     with pytest.raises(InvalidRequest, match="prompt of 100 tokens plus max_tokens 4 exceeds this model's context of 20"):
         fit_prompt(ids, req("x", 4), 20)
     assert fit_prompt(ids, req("x", 4, truncate=True), 20) == (list(range(8)) + list(range(92, 100)), 84)
+    for context in (None, 20):  # an empty prompt is the request's fault, not the model's (it used to crash it)
+        with pytest.raises(InvalidRequest, match="the prompt is empty"):
+            fit_prompt([], req("", 4, truncate=True), context)
 
 
 def test_a_truncated_request_is_answered_and_says_how_much_was_cut(models):
