@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import io
 import json
 import random
@@ -37,13 +38,17 @@ PROMPTS = ["Write a haiku about the sea.", "Explain what a hash map is.", "def a
            "Summarise: the quarterly numbers went up again and the board was pleased."]
 
 
-def digit_png(rng: random.Random) -> str:
+@functools.cache
+def digit_pngs() -> list[str]:
+    """The digits as base64 PNGs, made once: the load generator shares the cores with the server."""
     from training.classifier_default import digits_images
 
-    images, _ = digits_images()
-    buf = io.BytesIO()
-    images[rng.randrange(len(images))].save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+    out = []
+    for image in digits_images()[0]:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return out
 
 
 def request(kind: str, rng: random.Random) -> tuple[str, str, dict | None, bool]:
@@ -61,7 +66,7 @@ def request(kind: str, rng: random.Random) -> tuple[str, str, dict | None, bool]
     if kind == "code_repair":
         return "POST", "/v1/refine", {"task": "code_repair", "code": "def add(a, b)\n    return a + b\n"}, False
     if kind == "classify":
-        return "POST", "/v1/classify", {"image": digit_png(rng)}, False
+        return "POST", "/v1/classify", {"image": rng.choice(digit_pngs())}, False
     if kind == "route":
         return "POST", "/v1/route", {"prompt": prompt, "max_tokens": 16}, False
     return "GET", "/v1/models", None, False

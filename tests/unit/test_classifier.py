@@ -204,7 +204,7 @@ def test_a_pooling_the_head_was_not_fitted_on_fails_at_start(built: tuple[Path, 
     cap = {"modalities": ["image"], "max_context": 1, "tasks": {"image_classification": 1.0}}
     cfg = ClassifierBackend(name="d", kind="classifier", model=str(built[0]), capability=cap, pooling="cls")
     with pytest.raises(ValueError, match="fitted on 'mean' embeddings"):
-        ClassifierServer.func_or_class(cfg) if hasattr(ClassifierServer, "func_or_class") else ClassifierServer(cfg)
+        ClassifierServer(cfg)
 
 
 def test_committed_default_is_pretrained_and_its_held_out_accuracy_is_reproduced():
