@@ -96,7 +96,7 @@ class TRMServer:
         self.batches += 1
         tokens = torch.stack([t for t, _, _ in jobs]).to(self.cfg.device)
         out = self.models[task].refine(tokens, torch.tensor([s for _, s, _ in jobs]),
-                                       torch.tensor([t for _, _, t in jobs]))
+                                       torch.tensor([t for _, _, t in jobs], dtype=torch.float64))
         return [(out.tokens[i].cpu(), int(out.steps[i]), float(out.confidence[i])) for i in range(len(jobs))]
 
     async def info(self) -> dict[str, Any]:

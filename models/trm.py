@@ -337,8 +337,9 @@ class TRM(nn.Module):
             raise ValueError(f"tokens must be (batch, {cfg.seq_len}), got {tuple(tokens.shape)}")
         B, device = tokens.shape[0], tokens.device
         limit = _per_sample(cfg.max_steps if max_steps is None else max_steps, B, torch.long, device)
+        # float64: a threshold such as 1e-300 is valid and would round to 0 in float32
         threshold = _per_sample(cfg.halt_threshold if halt_threshold is None else halt_threshold, B,
-                                torch.float32, device)
+                                torch.float64, device)
         if (limit < 1).any():
             raise ValueError(f"max_steps must be a positive integer for every sample, got {limit.tolist()}")
         if ((threshold <= 0) | (threshold > 1)).any():

@@ -2,17 +2,24 @@
 operation of the `fuzz` app; none may answer 5xx or show a traceback.
 
 It found two inputs that failed the language models, which the router then counted against their
-circuits until both were open for everyone: an empty prompt, and a temperature of 1e-300."""
+circuits until both were open for everyone: an empty prompt, and a temperature of 1e-300. A later
+draw found a third: a halt_threshold of 5e-324, valid, but 0 once the refiner made it float32."""
 
 from __future__ import annotations
+
+import os
 
 import httpx
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 
 CASES_PER_OPERATION = 110  # an operation without parameters gets one: 560 or so in all
+# The same cases on every run, so CI's verdict is about the code, not the draw; explore others with
+# FUZZ_SEED=N (a failure names its case, and that seed finds it again).
+SEED = int(os.environ.get("FUZZ_SEED", "0"))
 
 
 def test_no_generated_request_gets_a_5xx_or_a_traceback(server):
@@ -25,6 +32,7 @@ def test_no_generated_request_gets_a_5xx_or_a_traceback(server):
         @settings(max_examples=CASES_PER_OPERATION, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy())
+        @seed(SEED)
         def check(case):
             response = case.call(base_url=f"{server}/fuzz", timeout=60)
             seen[operation.label] = seen.get(operation.label, 0) + 1

@@ -117,6 +117,15 @@ def test_refine_rejects_bad_arguments():
         model.refine(puzzles(1), halt_threshold=0)
 
 
+def test_a_threshold_below_float32_range_halts_at_the_first_step():
+    """5e-324 is in (0, 1], so the API accepts it; in float32 it would be 0 and an error (the fuzzer
+    found it as a 503 from the refine endpoint)."""
+    model = tiny()
+    assert model.refine(puzzles(2), max_steps=3, halt_threshold=5e-324).steps.tolist() == [1, 1]
+    per_sample = torch.tensor([5e-324, 1.0], dtype=torch.float64)
+    assert model.refine(puzzles(2), max_steps=3, halt_threshold=per_sample).steps.tolist() == [1, 3]
+
+
 @pytest.mark.parametrize("mixer", ["mlp", "attention", "axial"])
 def test_save_load_round_trip(tmp_path, mixer):
     model = spread_q(tiny(seed=3, **(GRID if mixer == "axial" else {"mixer": mixer})))
