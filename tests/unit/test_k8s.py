@@ -134,12 +134,15 @@ def test_serve_config_is_the_repos(manifest):
 
 def test_custom_resources_asked_for_are_started_with_room(manifest):
     """Each custom resource the deployments ask for is started on a worker group (KubeRay's quoted
-    JSON in rayStartParams.resources) with room for all of them on one node of that group."""
+    JSON in rayStartParams.resources) with room for all of them, at their starting replicas, on one
+    node of that group (mamba, trm and dinov2 share one GPU node)."""
     asked: dict[str, float] = {}
     for app in _apps(manifest):
         for b in app["args"]["backends"]:
-            for name, amount in b["deployment"].get("ray_actor_options", {}).get("resources", {}).items():
-                asked[name] = asked.get(name, 0) + amount * b["deployment"].get("num_replicas", 1)
+            needs, fewest, _ = _replica_needs(b["deployment"])
+            for name, amount in needs.items():
+                if name not in ("CPU", "GPU"):
+                    asked[name] = asked.get(name, 0) + amount * fewest
     started: dict[str, float] = {}
     for group in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         if raw := group["rayStartParams"].get("resources"):
@@ -161,14 +164,16 @@ def _node_resources(group: dict) -> dict[str, float]:
     return out
 
 
-def _replica_needs(deployment: dict) -> tuple[dict[str, float], int]:
-    """One replica's resources and the most replicas Serve may run (autoscaling_config.max_replicas,
-    else num_replicas)."""
+def _replica_needs(deployment: dict) -> tuple[dict[str, float], int, int]:
+    """One replica's resources (Serve's default is one CPU), and the fewest and most replicas Serve
+    may run: num_replicas, or autoscaling_config's min_replicas (Serve's default 1) and max_replicas."""
     opts = deployment.get("ray_actor_options", {})
     needs = {"CPU": opts.get("num_cpus", 1), "GPU": opts.get("num_gpus", 0), **opts.get("resources", {})}
     auto = deployment.get("autoscaling_config")
-    most = auto["max_replicas"] if auto else deployment.get("num_replicas", 1)
-    return needs, most
+    if auto is None:
+        assert deployment.get("num_replicas", 1) != "auto", "size the cluster: give autoscaling_config.max_replicas"
+        return needs, deployment.get("num_replicas", 1), deployment.get("num_replicas", 1)
+    return needs, auto.get("min_replicas", 1), auto["max_replicas"]
 
 
 def test_the_ray_autoscaler_can_add_nodes_for_every_replica_serve_may_ask_for(manifest):
@@ -188,7 +193,7 @@ def test_the_ray_autoscaler_can_add_nodes_for_every_replica_serve_may_ask_for(ma
     for app in _apps(manifest):
         router = app["args"]["router"]["deployment"]
         for name, d in [("router", router)] + [(b["name"], b["deployment"]) for b in app["args"]["backends"]]:
-            needs, most = _replica_needs(d)
+            needs, _, most = _replica_needs(d)
             assert any(all(node.get(r, 0) >= v for r, v in needs.items()) for node, _ in nodes), (name, needs)
             for r, v in needs.items():
                 total[r] = total.get(r, 0) + v * most
