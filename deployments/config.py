@@ -32,6 +32,7 @@ class DeploymentOptions(Strict):
     health_check_period_s: float = Field(10, gt=0, description="Seconds between check_health calls.")
     health_check_timeout_s: float = Field(30, gt=0, description="A check_health slower than this fails.")
     graceful_shutdown_timeout_s: float = Field(20, ge=0, description="Wait for in-flight requests on shutdown.")
+    max_replicas_per_node: int | None = Field(None, gt=0, description="Spread replicas over nodes (Serve's option).")
     logging_config: dict[str, Any] | None = Field(
         None, description="Serve's LoggingConfig: log_level, encoding, enable_access_log, logs_dir."
     )
@@ -157,6 +158,10 @@ class RouterConfig(Strict):
         "calls failed; null: consecutive failures only."
     )
     breaker_window: int = Field(20, gt=0, description="Calls the failure rate is taken over.")
+    replica_poll_s: float = Field(
+        0.5, gt=0, description="How often the router reads which backend replicas run (deployments/replicas.py): "
+        "a backend with none left is skipped, and calls waiting on it move on, instead of waiting for the deadline."
+    )
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
 

@@ -41,6 +41,7 @@ from deployments.api import (
 from deployments.config import AppConfig
 from deployments.jsonl import JsonlWriter
 from deployments.protocol import Failure
+from deployments.replicas import BackendLost, ReplicaWatch, serve_fetch, until_lost
 from models import code_grid
 from models.engine import Completion, Delta, GenerationRequest
 from routing.access import ANONYMOUS, Access, AccessError, Caller, RateLimiter
@@ -99,6 +100,7 @@ _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", 
               "/v1/routing/log": "routing_log"}
 _OPEN = {"/healthz"}  # no caller needed
 _OVERLOADED = "overloaded: its queue is full"
+_NO_REPLICA = "no live replica (Serve would hold the call until one starts)"
 
 
 class _BodyTooLarge(Exception):
@@ -228,6 +230,7 @@ async def _json_body(request: Request, model: type) -> Any:
 class _Attempt:
     backend: str
     error: str
+    after_ms: float  # since the decision: when the router gave up on this backend
 
 
 @dataclass
@@ -244,6 +247,10 @@ class _Outcome:
     streaming: bool = False  # its audit line is written when the stream ends
     prompt: str | None = None  # for the audit log, when it records prompts
     logged: dict[str, Any] | None = None  # its routing log entry
+    started: float = field(default_factory=time.perf_counter)
+
+    def tried(self, backend: str, error: str) -> None:
+        self.attempts.append(_Attempt(backend, error, round((time.perf_counter() - self.started) * 1e3, 1)))
 
     def headers(self) -> dict[str, str]:
         h = {"x-switchyard-backend": self.served_by or "", "x-switchyard-reason": _ascii(self.decision.reason)}
@@ -418,9 +425,16 @@ class Router:
             b.name: BackendState(capacity=_capacity(b.deployment.num_replicas, b.deployment.max_ongoing_requests))
             for b in cfg.backends
         }
+        self.per_replica = {b.name: b.deployment.max_ongoing_requests for b in cfg.backends}
         r = cfg.router
         self.breakers = {b.name: CircuitBreaker(r.unhealthy_after, r.unhealthy_cooldown_s, r.breaker_failure_rate,
                                                 r.breaker_window) for b in cfg.backends}
+        try:
+            app_name = serve.get_replica_context().app_name
+        except Exception:  # built outside a replica (unit tests): every backend taken as running
+            app_name = None
+        self.watch = ReplicaWatch(self.handles, serve_fetch(app_name, self.handles), poll_s=r.replica_poll_s)
+        self.watching = app_name is not None
         self.log: deque[dict[str, Any]] = deque(maxlen=cfg.router.routing_log_size)
         self.log_sink = self.audit = None
         if cfg.router.routing_log_path is not None:
@@ -472,8 +486,12 @@ class Router:
 
     def _decide(self, f: Features, as_text: Features | None = None) -> Decision:
         start = time.perf_counter()
+        if self.watching:
+            self.watch.start()
         for name, state in self.states.items():
-            state.healthy = self.breakers[name].available()
+            state.healthy = self.breakers[name].available() and self.watch.available(name)
+            if (live := self.watch.live(name)) is not None:  # autoscaled: the replicas running now
+                state.capacity = max(1, live) * self.per_replica[name]
             if self.unhealthy_shown.get(name) != state.healthy:  # set on change: a set costs microseconds
                 self.m_unhealthy.set(float(not state.healthy), tags={"backend": name})
                 self.unhealthy_shown[name] = state.healthy
@@ -552,12 +570,13 @@ class Router:
         through its converter. An answer that `check` faults (a repair that does not parse) moves on
         to the next candidate; when none does better, the first such answer is the result."""
         kept: tuple[str, Any] | None = None
-        for name in out.decision.candidates:
+        pending = deque(out.decision.candidates)
+        while pending:
+            name = pending.popleft()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            if not self.breakers[name].try_call():
-                out.attempts.append(_Attempt(name, f"circuit {self.breakers[name].state}"))
+            if not self._may_call(out, name):
                 continue
             text = as_text is not None and name in out.decision.as_text
             m, a = as_text[:2] if text else (method, arg)
@@ -565,15 +584,23 @@ class Router:
             state.in_flight += 1
             response = getattr(self.handles[name], m).remote(_for(out, name, a))
             try:
-                result = await asyncio.wait_for(response, remaining)
+                result = await until_lost(self.watch, name, response, remaining)
             except asyncio.TimeoutError:
                 response.cancel()
                 self._failed(out, name, f"no answer within the {self.cfg.router.request_timeout_s:g} s deadline")
                 break
-            except BackPressureError:  # full, not broken: no mark against its circuit
-                out.attempts.append(_Attempt(name, _OVERLOADED))
+            except BackendLost:
+                response.cancel()
+                out.tried(name, _NO_REPLICA)
                 continue
-            except (RayActorError, RayTaskError, RequestCancelledError) as exc:
+            except BackPressureError:  # full, not broken: no mark against its circuit
+                out.tried(name, _OVERLOADED)
+                continue
+            except RayActorError as exc:
+                if self._replica_died(out, name, exc):
+                    pending.appendleft(name)
+                continue
+            except (RayTaskError, RequestCancelledError) as exc:
                 self._failed(out, name, f"{type(exc).__name__}")
                 continue
             finally:
@@ -584,7 +611,7 @@ class Router:
                 fault = check(result) if check is not None else None
                 if fault is None:
                     return result
-                out.attempts.append(_Attempt(name, f"answer not kept: {fault}"))
+                out.tried(name, f"answer not kept: {fault}")
                 kept = kept or (name, result)
         if kept is not None:  # no answer passed the check: the first one is the answer after all
             out.served_by = kept[0]
@@ -598,7 +625,7 @@ class Router:
             if result.kind == "unsupported" or (result.kind == "invalid" and name in out.decision.degraded):
                 # this backend cannot take it, or the cut-down last resort refused it: the others may
                 why = "cannot take it" if result.kind == "unsupported" else "degraded fallback refused"
-                out.attempts.append(_Attempt(name, f"{why}: {result.message}"))
+                out.tried(name, f"{why}: {result.message}")
                 return False
             if result.kind == "invalid":
                 self.breakers[name].record(failed=False)  # the backend is fine: the request is not
@@ -612,9 +639,33 @@ class Router:
             out.degraded = f"{name}: {out.decision.degraded[name]} ({cut} tokens)"
         return True
 
+    def _may_call(self, out: _Outcome, name: str) -> bool:
+        """Whether `name` may be called now: a live replica and a closed circuit (or its probe's turn)."""
+        if not self.watch.available(name):
+            out.tried(name, _NO_REPLICA)
+            return False
+        if not self.breakers[name].try_call():
+            out.tried(name, f"circuit {self.breakers[name].state}")
+            return False
+        return True
+
+    def _replica_died(self, out: _Outcome, name: str, exc: RayActorError) -> bool:
+        """A call failed because its replica died (or became unreachable): Serve does not retry it. The
+        request tries the same backend once more when it has another live replica (Serve's handle
+        routes around the dead one); otherwise, or the second time, it counts as the backend failing.
+        True: retry `name`."""
+        self.watch.died(name, exc.actor_id)
+        error = f"replica died: {type(exc).__name__}"
+        if self.watch.available(name) and not any(a.backend == name and a.error.startswith("replica died")
+                                                  for a in out.attempts):
+            out.tried(name, error + "; retried on another replica")
+            return True
+        self._failed(out, name, error)
+        return False
+
     def _failed(self, out: _Outcome, name: str, error: str) -> None:
         logger.warning("backend %s failed: %s", name, error)
-        out.attempts.append(_Attempt(name, error))
+        out.tried(name, error)
         self.breakers[name].record(failed=True)
 
     def _exhausted(self, out: _Outcome, deadline: float) -> ApiError:
@@ -633,25 +684,35 @@ class Router:
     async def _open_stream(self, out: _Outcome, req: GenerationRequest, deadline: float
                            ) -> tuple[Any, Delta]:
         """Starts a stream on the first candidate that yields a first piece (fallback before any byte)."""
-        for name in out.decision.candidates:
+        pending = deque(out.decision.candidates)
+        while pending:
+            name = pending.popleft()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            if not self.breakers[name].try_call():
-                out.attempts.append(_Attempt(name, f"circuit {self.breakers[name].state}"))
+            if not self._may_call(out, name):
                 continue
             gen = self.handles[name].options(stream=True).stream.remote(_for(out, name, req))
             try:
-                first = await asyncio.wait_for(gen.__anext__(), remaining)
+                first = await until_lost(self.watch, name, gen.__anext__(), remaining)
             except asyncio.TimeoutError:
                 gen.cancel()
                 self._failed(out, name, "no first token before the deadline")
                 break
+            except BackendLost:
+                gen.cancel()
+                out.tried(name, _NO_REPLICA)
+                continue
             except BackPressureError:
                 gen.cancel()
-                out.attempts.append(_Attempt(name, _OVERLOADED))
+                out.tried(name, _OVERLOADED)
                 continue
-            except (RayActorError, RayTaskError, RequestCancelledError, StopAsyncIteration) as exc:
+            except RayActorError as exc:
+                gen.cancel()
+                if self._replica_died(out, name, exc):
+                    pending.appendleft(name)
+                continue
+            except (RayTaskError, RequestCancelledError, StopAsyncIteration) as exc:
                 gen.cancel()
                 self._failed(out, name, type(exc).__name__)
                 continue
@@ -700,7 +761,10 @@ class Router:
 
     def _ended(self, out: _Outcome, last: Delta | Failure | None) -> None:
         """A stream's audit line, when it has ended: cut short (the client left or the deadline passed)
-        or failed mid-stream is in `error`."""
+        or failed mid-stream is in `error`. A mid-stream failure counts against the backend's circuit
+        (its success was counted at the first piece)."""
+        if isinstance(last, Failure) and out.served_by is not None and "deadline" not in last.message:
+            self.breakers[out.served_by].record(failed=True)
         if self.audit is None or out.logged is None:
             return
         if isinstance(last, Delta):

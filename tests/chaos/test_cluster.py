@@ -1,0 +1,136 @@
+"""Chaos on a three-node cluster (conftest.py): a replica killed under load, the node holding mamba
+removed and added back, the node holding one of the two routers removed. Run in file order: each
+test leaves the cluster as the next one expects it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import ray
+
+SHORT = {"model": "transformer", "prompt": "def add(a, b):", "max_tokens": 16}
+# past the long_document rule's 4096 tokens: mamba first (strategy score), the transformer (8192) next
+LONG = {"model": "auto", "prompt": "The appellate court's judgment in the case. " * 520, "max_tokens": 8}
+
+
+@dataclass
+class Record:
+    sent: float
+    done: float
+    status: int  # 0: no HTTP answer
+    backend: str | None = None
+    attempts: list = field(default_factory=list)
+    error: str | None = None
+
+
+class Load:
+    """`clients` threads, each sending `body` again as soon as its last answer came, until stopped."""
+
+    def __init__(self, url: str, body: dict, clients: int, timeout: float = 30):
+        self.url, self.body, self.timeout = url, body, timeout
+        self.records: list[Record] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def _client(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=self.timeout) as c:
+            while not self.stop.is_set():
+                sent = time.monotonic()
+                try:
+                    r = c.post("/v1/completions", json=self.body)
+                    sy = r.json().get("switchyard", {}) if r.status_code == 200 else {}
+                    rec = Record(sent, time.monotonic(), r.status_code, sy.get("backend"), sy.get("attempts", []),
+                                 None if r.status_code == 200 else r.text[:300])
+                except httpx.HTTPError as exc:
+                    rec = Record(sent, time.monotonic(), 0, error=f"{type(exc).__name__}: {exc}")
+                self.records.append(rec)
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(self.timeout + 5)
+        assert not any(t.is_alive() for t in self.threads), "a request never ended"
+
+    def wait_for(self, predicate, timeout: float = 60) -> None:
+        start = time.monotonic()
+        while not predicate(self.records):
+            assert time.monotonic() - start < timeout, self.records[-5:]
+            time.sleep(0.1)
+
+
+def summary(records: list[Record]) -> str:
+    by: dict[str, int] = {}
+    for r in records:
+        key = f"{r.status} {r.backend}"
+        by[key] = by.get(key, 0) + 1
+    return f"{len(records)} requests: {by}"
+
+
+def test_a_replica_killed_under_16_clients_fails_no_request(chaos):
+    with Load(chaos.url, SHORT, clients=16) as load:
+        load.wait_for(lambda rs: len(rs) >= 32)
+        victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                      if a["name"].startswith("SERVE_REPLICA") and "#transformer#" in a["name"])
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+        killed_at = time.monotonic()
+        load.wait_for(lambda rs: sum(r.sent > killed_at + 1 for r in rs) >= 32)
+    rs = load.records
+    print(summary(rs))
+    assert all(r.status == 200 for r in rs), [r for r in rs if r.status != 200][:3]
+    in_flight = [r for r in rs if r.sent < killed_at < r.done]
+    retried = [r for r in rs if any(a["error"].startswith("replica died") for a in r.attempts)]
+    print(f"in flight at the kill: {len(in_flight)}, retried on the other replica: {len(retried)}")
+    assert in_flight and retried, "the kill hit no request: nothing was shown"
+    chaos.wait_running("transformer", 2)
+
+
+def test_the_node_holding_mamba_removed_then_added_back(chaos):
+    with Load(chaos.url, LONG, clients=2) as load:
+        load.wait_for(lambda rs: sum(r.backend == "mamba" for r in rs) >= 2)
+        chaos.cluster.remove_node(chaos.nodes["a"], allow_graceful=False)
+        removed_at = time.monotonic()
+        load.wait_for(lambda rs: sum(r.sent > removed_at for r in rs) >= 6)
+    rs = load.records
+    print(summary(rs))
+    assert all(r.status == 200 for r in rs), [r for r in rs if r.status != 200][:3]
+    after = [r for r in rs if r.done > removed_at]
+    assert all(r.backend == "transformer" for r in after)
+    # when each request left mamba for the transformer, from the later of its sending and the removal
+    # (the attempt's time counts from the router's decision, a few ms after sending)
+    moved = [round(max(0.0, r.sent + (r.attempts[-1]["after_ms"] / 1e3 if r.attempts else 0) - removed_at)
+                   - max(0.0, r.sent - removed_at), 2) for r in after]
+    print("moved to the transformer after (s):", moved,
+          "answered after (s):", [round(r.done - max(r.sent, removed_at), 2) for r in after])
+    assert max(moved) < 2.0
+
+    chaos.nodes["a"] = chaos.cluster.add_node(num_cpus=2, resources={"mamba_host": 1, "lm_host": 1})
+    print("mamba running again after", round(chaos.wait_running("mamba", 1), 1), "s")
+    start = time.monotonic()
+    with httpx.Client(base_url=chaos.url, timeout=30) as c:
+        while (r := c.post("/v1/completions", json=LONG)).json()["switchyard"]["backend"] != "mamba":
+            assert r.status_code == 200 and time.monotonic() - start < 60, r.text[:300]
+            time.sleep(0.5)
+    print("mamba served again after", round(time.monotonic() - start, 1), "s more")
+
+
+def test_two_routers_on_two_nodes_one_node_removed(chaos):
+    chaos.wait_running("transformer", 2)
+    with Load(chaos.url, SHORT, clients=16) as load:
+        load.wait_for(lambda rs: len(rs) >= 32)
+        chaos.cluster.remove_node(chaos.nodes["b"], allow_graceful=False)
+        removed_at = time.monotonic()
+        load.wait_for(lambda rs: sum(r.sent > removed_at + 1 for r in rs) >= 64)
+    rs = load.records
+    print(summary(rs), [r.error for r in rs if r.status != 200][:3])
+    assert chaos.replicas("router").get("RUNNING") == 1  # the other one went with its node, and has none to return to
+    ok = sum(r.status == 200 for r in rs) / len(rs)
+    assert ok >= 0.99, summary(rs)
+    assert max(r.done - r.sent for r in rs) < 20 + 1  # the router's deadline, plus a second
