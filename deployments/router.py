@@ -12,6 +12,7 @@ import inspect
 import json
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -248,6 +249,7 @@ class _Outcome:
     prompt: str | None = None  # for the audit log, when it records prompts
     logged: dict[str, Any] | None = None  # its routing log entry
     started: float = field(default_factory=time.perf_counter)
+    ended: bool = False  # a stream's end has been handled (its audit line written)
 
     def tried(self, backend: str, error: str) -> None:
         self.attempts.append(_Attempt(backend, error, round((time.perf_counter() - self.started) * 1e3, 1)))
@@ -407,6 +409,19 @@ async def _sse(gen: Any, first: Delta, chat: bool, model: str, out: _Outcome, de
     finally:
         gen.cancel()
         on_end(item if isinstance(item, Failure) or item.finish_reason is not None else None)
+
+
+def _on_drop(events: AsyncIterator[str], gen: Any, out: _Outcome,
+             on_end: Callable[[Delta | Failure | None], None]) -> None:
+    """When Starlette drops `events` without starting it (the client left before the first byte
+    went out), `_sse`'s finally never runs: this cancels the backend's generation and ends the
+    stream (its audit line) all the same."""
+    def dropped() -> None:
+        if not out.ended:
+            gen.cancel()
+            on_end(None)
+
+    weakref.finalize(events, dropped)
 
 
 # serve.ingress pickles the app when it decorates: everything the class uses is defined above.
@@ -763,6 +778,7 @@ class Router:
         """A stream's audit line, when it has ended: cut short (the client left or the deadline passed)
         or failed mid-stream is in `error`. A mid-stream failure counts against the backend's circuit
         (its success was counted at the first piece)."""
+        out.ended = True
         if isinstance(last, Failure) and out.served_by is not None and "deadline" not in last.message:
             self.breakers[out.served_by].record(failed=True)
         if self.audit is None or out.logged is None:
@@ -836,7 +852,9 @@ class Router:
                 model = out.served_by if f.adapter is None else f"{out.served_by}:{f.adapter}"
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 out.streaming = True
-                events = _sse(gen, first, chat, model, out, deadline, include_usage, lambda last: self._ended(out, last))
+                on_end = lambda last: self._ended(out, last)  # noqa: E731
+                events = _sse(gen, first, chat, model, out, deadline, include_usage, on_end)
+                _on_drop(events, gen, out, on_end)
                 return StreamingResponse(events, media_type="text/event-stream", headers=out.headers())
             result: Completion = await self._call(out, "generate", req, deadline)
             out.usage = (result.prompt_tokens, result.completion_tokens)

@@ -258,13 +258,15 @@ def test_client_disconnect_stops_generation(client, server):
         assert r.status_code == 200
         lines = r.iter_lines()
         next(line for line in lines if line.startswith("data: "))  # the first chunk came
-    for _ in range(100):  # the stream is closed: the backend must stop within a few tokens
+    closed = time.perf_counter()
+    for _ in range(100):  # the stream is closed: the backend must stop within a second
         info = _transformer_info(client)
         if info["running"] == 0:
             break
         time.sleep(0.05)
+    stopped = time.perf_counter() - closed
     made = info["generated_tokens"] - before
-    assert info["running"] == 0 and made < 500, info
+    assert info["running"] == 0 and made < 500 and stopped < 1.0, (info, stopped)
 
 
 def test_ignore_eos_and_prompt_lookup_speculation(client):
