@@ -138,6 +138,11 @@ class RouterConfig(Strict):
     default_max_tokens: int = Field(256, gt=0, description="max_tokens of a request that names none.")
     routing_log_size: int = Field(1000, gt=0, description="Decisions kept for GET /v1/routing/log.")
     max_body_bytes: int = Field(16 << 20, gt=0, description="Largest request body accepted (413 above).")
+    max_in_flight: int = Field(
+        256, gt=0, description="Requests one router replica handles at once; beyond, a 503 in OpenAI's shape with "
+        "Retry-After. Below deployment.max_ongoing_requests, so that Serve's proxy never has to queue or refuse "
+        "(its refusal is plain text without Retry-After)."
+    )
     routing_log_path: str | None = Field(
         None, description="Also append every routing log entry to this file as a JSON line (opened in append "
         "mode, one write a line, so router replicas may share it)."
@@ -162,7 +167,15 @@ class RouterConfig(Strict):
         0.5, gt=0, description="How often the router reads which backend replicas run (deployments/replicas.py): "
         "a backend with none left is skipped, and calls waiting on it move on, instead of waiting for the deadline."
     )
-    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    deployment: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(max_ongoing_requests=320, max_queued_requests=64))
+
+    @model_validator(mode="after")
+    def _admission(self) -> RouterConfig:
+        if self.deployment.max_ongoing_requests <= self.max_in_flight:
+            raise ValueError(f"router.deployment.max_ongoing_requests ({self.deployment.max_ongoing_requests}) must be "
+                             f"above router.max_in_flight ({self.max_in_flight}): the router answers overload itself")
+        return self
 
 
 class AppConfig(Strict):

@@ -122,6 +122,17 @@ class _Guard:
         router: Router | None = getattr(scope["app"].state, "switchyard", None)
         if router is None:  # not started: fail closed
             return await _send_error(scope, receive, send, 503, "the router is starting", "service_unavailable")
+        if router.active >= router.cfg.router.max_in_flight:  # before Serve's proxy would queue: see config
+            return await _send_error(scope, receive, send, 503, f"this router replica is handling "
+                                     f"{router.active} requests, its limit; retry shortly", "service_unavailable",
+                                     {"Retry-After": "1"})
+        router.active += 1
+        try:
+            await self._admitted(router, scope, receive, send)
+        finally:
+            router.active -= 1
+
+    async def _admitted(self, router: "Router", scope: dict, receive: Callable, send: Callable) -> None:
         limit = router.cfg.router.max_body_bytes
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
@@ -440,6 +451,7 @@ class Router:
             b.name: BackendState(capacity=_capacity(b.deployment.num_replicas, b.deployment.max_ongoing_requests))
             for b in cfg.backends
         }
+        self.active = 0  # HTTP requests in progress here (_Guard)
         self.per_replica = {b.name: b.deployment.max_ongoing_requests for b in cfg.backends}
         r = cfg.router
         self.breakers = {b.name: CircuitBreaker(r.unhealthy_after, r.unhealthy_cooldown_s, r.breaker_failure_rate,

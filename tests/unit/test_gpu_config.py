@@ -33,7 +33,9 @@ def lm(config: AppConfig, engine: str) -> list[LMBackend]:
 def test_routing_is_the_cpu_configs_and_tokens_are_counted_by_the_transformers_tokenizer():
     gpu, cpu = app_args("serve_config.gpu.yaml"), app_args("serve_config.yaml")
     assert gpu["routing"] == cpu["routing"]
-    assert {**gpu["router"], "tokenizer": None} == {**cpu["router"], "tokenizer": None}
+    assert {**gpu["router"], "tokenizer": None, "deployment": None} == {**cpu["router"], "tokenizer": None, "deployment": None}
+    # the GPU cluster runs two routers, so that losing a node leaves one (the CPU quickstart has one machine)
+    assert {**gpu["router"]["deployment"], "num_replicas": 1} == cpu["router"]["deployment"]
     transformer = next(b for b in gpu["backends"] if b["name"] == "transformer")
     assert gpu["router"]["tokenizer"] == transformer["model"]
     assert [b["name"] for b in gpu["backends"]] == [b["name"] for b in cpu["backends"]]
