@@ -168,7 +168,7 @@ class RouterConfig(Strict):
         "a backend with none left is skipped, and calls waiting on it move on, instead of waiting for the deadline."
     )
     deployment: DeploymentOptions = Field(
-        default_factory=lambda: DeploymentOptions(max_ongoing_requests=320, max_queued_requests=64))
+        default_factory=lambda: DeploymentOptions(max_ongoing_requests=320, max_queued_requests=1024))
 
     @model_validator(mode="after")
     def _admission(self) -> RouterConfig:

@@ -33,7 +33,7 @@ def chaos_args() -> dict:
     args["routing"].pop("intent")
     args["routing"]["strategy"] = "score"  # long documents to mamba first, whatever the measured costs
     args["router"] |= {"request_timeout_s": 20, "default_max_tokens": 8}
-    args["router"]["deployment"] |= {"num_replicas": 2}
+    args["router"]["deployment"] |= {"num_replicas": 2, "health_check_period_s": 1, "health_check_timeout_s": 5}
     args["router"]["deployment"]["ray_actor_options"] |= {"resources": {"router_host": 1}}
     for b in args["backends"]:
         d = b["deployment"]
