@@ -151,6 +151,19 @@ class VLLMEngine(Engine):
         self.tokenizer: Any = None
         self._loras: dict[str, Any] = {}  # adapter name -> LoRARequest
         self._ids = itertools.count()
+        # From vLLM's own scheduler stats (a stat logger, below): requests waiting, engine steps run,
+        # speculative tokens drafted and accepted since start; the same keys as the hf engine's info().
+        self.waiting = self.steps = self.drafted = self.accepted = 0
+
+    def _record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
+        """vLLM calls this after each engine step it reports (through the stat logger start() installs)."""
+        if iteration_stats is not None:
+            self.steps += 1
+        if scheduler_stats is not None:
+            self.waiting = scheduler_stats.num_waiting_reqs
+            if (spec := scheduler_stats.spec_decoding_stats) is not None:
+                self.drafted += spec.num_draft_tokens
+                self.accepted += spec.num_accepted_tokens
 
     async def start(self) -> None:
         from vllm import AsyncEngineArgs
@@ -162,7 +175,7 @@ class VLLMEngine(Engine):
             raise ValueError(f"device {self.device!r}, but the installed vLLM runs on "
                              f"{current_platform.device_type!r}")
         # Starts the engine core in a child process and loads the weights (blocking, like vLLM's own server).
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args), stat_loggers=[self._stat_logger()])
         self.tokenizer = self.engine.get_tokenizer()
         self.max_context = self.engine.model_config.max_model_len
         # int ids must be unique per adapter for the engine's lifetime: vLLM caches adapters by id.
@@ -170,6 +183,24 @@ class VLLMEngine(Engine):
                        for i, (name, path) in enumerate(self.adapter_paths.items(), start=1)}
         logger.info("vLLM engine up: %s on %s, max_model_len %s, adapters %s, speculation %s",
                     self.model_ref, self.device, self.max_context, list(self._loras), self.speculation)
+
+    def _stat_logger(self) -> Any:
+        """A vLLM stat logger class (vLLM builds it per engine) that hands each step's stats to _record."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        engine = self
+
+        class Counts(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+                engine._record(scheduler_stats, iteration_stats)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return Counts
 
     def info(self) -> dict[str, Any]:
         from vllm import __version__
@@ -186,6 +217,9 @@ class VLLMEngine(Engine):
             "speculation": speculation_name(self.speculation),
             "speculative_config": self.args.get("speculative_config"),
             "running": self.engine.get_num_unfinished_requests() if self.engine else 0,
+            "waiting": self.waiting,
+            "batches": self.steps,
+            "speculation_acceptance": round(self.accepted / self.drafted, 3) if self.drafted else None,
         }
 
     async def check_health(self) -> None:
