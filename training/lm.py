@@ -36,6 +36,8 @@ from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, MambaCon
 from models import mamba
 from training import corpus
 from training.defaults import SEED, TRAINED_DIR, build_tokenizer
+from training.metrics import TrainingMetrics
+from training.metrics import add_argument as add_metrics_argument
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +181,10 @@ def unigram_perplexity(train: torch.Tensor, windows: torch.Tensor, vocab: int) -
 
 
 def train(name: str, preset: Preset, out: Path, steps: int | None = None, eval_n: int = 64,
-          command: str | None = None) -> dict[str, Any]:
+          command: str | None = None, metrics: TrainingMetrics | None = None) -> dict[str, Any]:
     torch.manual_seed(SEED)
     steps = steps or preset.steps
+    metrics = metrics or TrainingMetrics(f"lm:{name}", steps)
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out)
     tok = AutoTokenizer.from_pretrained(out)
@@ -200,6 +203,7 @@ def train(name: str, preset: Preset, out: Path, steps: int | None = None, eval_n
     start, losses = time.perf_counter(), []
     bar = tqdm(range(steps), desc=name, file=sys.stderr)
     for _ in bar:
+        began = time.perf_counter()
         model.train()
         x, y = next(data)
         loss = lm_loss(model, x, y)
@@ -209,6 +213,7 @@ def train(name: str, preset: Preset, out: Path, steps: int | None = None, eval_n
         opt.step()
         sched.step()
         losses.append(loss.item())
+        metrics.step(losses[-1], time.perf_counter() - began, x.shape[0])
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
     seconds = time.perf_counter() - start
 
@@ -225,6 +230,7 @@ def train(name: str, preset: Preset, out: Path, steps: int | None = None, eval_n
         "command": command or f"python -m training.lm --model {name}",
     }
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    metrics.heldout(ppl=report["heldout_ppl"], unigram_ppl=report["unigram_ppl"])
     logger.info("%s", json.dumps(report))
     return report
 
@@ -234,11 +240,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=sorted(PRESETS), required=True)
     parser.add_argument("--steps", type=int, help="override the preset's step count")
     parser.add_argument("--out", type=Path, help="default: models/embedded/MODEL")
+    add_metrics_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(torch.get_num_threads())
     command = "python -m training.lm " + shlex.join(argv if argv is not None else sys.argv[1:])
-    train(args.model, PRESETS[args.model], args.out or TRAINED_DIR / args.model, args.steps, command=command)
+    preset = PRESETS[args.model]
+    metrics = TrainingMetrics(f"lm:{args.model}", args.steps or preset.steps, args.metrics_port)
+    try:
+        train(args.model, preset, args.out or TRAINED_DIR / args.model, args.steps, command=command, metrics=metrics)
+    finally:
+        metrics.close()
 
 
 if __name__ == "__main__":

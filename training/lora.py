@@ -32,6 +32,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from training.defaults import resolve_model
 from training.lm import lm_loss
+from training.metrics import TrainingMetrics
+from training.metrics import add_argument as add_metrics_argument
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +128,8 @@ def eval_loss(model: torch.nn.Module, examples: list, pad: int, batch: int = 16)
     return total / count
 
 
-def train(cfg: LoraConfig, base: str, backend: str, command: str) -> dict[str, Any]:
+def train(cfg: LoraConfig, base: str, backend: str, command: str,
+          metrics: TrainingMetrics | None = None) -> dict[str, Any]:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -150,8 +153,11 @@ def train(cfg: LoraConfig, base: str, backend: str, command: str) -> dict[str, A
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / cfg.steps)  # linear decay to zero
     start, losses = time.perf_counter(), []
+    metrics = metrics or TrainingMetrics(f"lora:{backend}", cfg.steps)
+    metrics.heldout(eval_loss_before=before)
     bar = tqdm(range(cfg.steps), desc=f"lora {backend}", file=sys.stderr)
     for _ in bar:
+        began = time.perf_counter()
         model.train()
         b = collate(random.sample(train_set, min(cfg.batch, len(train_set))), pad)
         loss = lm_loss(model, b["input_ids"], b["labels"])  # right padding: the mask changes no answer token
@@ -160,9 +166,11 @@ def train(cfg: LoraConfig, base: str, backend: str, command: str) -> dict[str, A
         opt.step()
         sched.step()
         losses.append(loss.item())
+        metrics.step(losses[-1], time.perf_counter() - began, b["input_ids"].shape[0])
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     seconds = time.perf_counter() - start
     after = eval_loss(model, eval_set, pad)
+    metrics.heldout(eval_loss_after=after)
 
     out = _path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config", type=Path, required=True, help="YAML with LoraConfig's fields")
     parser.add_argument("--serve-config", type=Path, default=REPO / "serve_config.yaml")
     parser.add_argument("--steps", type=int, help="override the config's step count")
+    add_metrics_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     raw = yaml.safe_load(args.config.read_text())
@@ -200,7 +209,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if kind != "lm":
         raise SystemExit(f"backend {args.backend!r} is a {kind}, not a language model")
     command = "python -m training.lora " + shlex.join(argv if argv is not None else sys.argv[1:])
-    return train(cfg, cfg.model or model, args.backend, command)
+    metrics = TrainingMetrics(f"lora:{args.backend}", cfg.steps, args.metrics_port)
+    try:
+        return train(cfg, cfg.model or model, args.backend, command, metrics)
+    finally:
+        metrics.close()
 
 
 if __name__ == "__main__":

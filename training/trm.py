@@ -42,6 +42,8 @@ from tqdm import tqdm
 from models import code_grid, sudoku
 from models.trm import TRM, Carry, TRMConfig
 from training import code_repair_data, sudoku_data
+from training.metrics import TrainingMetrics
+from training.metrics import add_argument as add_metrics_argument
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -225,8 +227,9 @@ def evaluate_code(model: TRM, pairs: list[code_repair_data.Pair], max_steps: int
             "mean_steps": round(sum(steps) / len(steps), 3)}
 
 
-def train(cfg: TrainConfig, command: str) -> dict[str, Any]:
+def train(cfg: TrainConfig, command: str, metrics: TrainingMetrics | None = None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
+    metrics = metrics or TrainingMetrics(f"trm:{cfg.task}", cfg.steps)
     start = time.perf_counter()
     task = TASKS[cfg.task](cfg)
     stream, held = task.stream(), task.test()
@@ -244,6 +247,7 @@ def train(cfg: TrainConfig, command: str) -> dict[str, Any]:
     bar = tqdm(range(cfg.steps), desc=f"trm {cfg.task}", file=sys.stderr)
     train_start = time.perf_counter()
     for step in bar:
+        began = time.perf_counter()
         model.train()
         out = model(carry, x)
         correct = (out.logits.argmax(-1) == y).all(dim=1)
@@ -274,6 +278,7 @@ def train(cfg: TrainConfig, command: str) -> dict[str, Any]:
             carry.y[done], carry.z[done] = fresh.y, fresh.z
             age[done] = 0
         recent = (recent + [(loss_y.item(), loss_q.item(), correct.float().mean().item())])[-50:]
+        metrics.step(recent[-1][0], time.perf_counter() - began, cfg.batch)
         bar.set_postfix(loss=f"{sum(r[0] for r in recent) / len(recent):.3f}",
                         exact=f"{sum(r[2] for r in recent) / len(recent):.2f}")
         if (step + 1) % cfg.checkpoint_every == 0:
@@ -285,6 +290,8 @@ def train(cfg: TrainConfig, command: str) -> dict[str, Any]:
     (out_dir / "checkpoint.pt").unlink(missing_ok=True)  # the run finished: the EMA model is the artefact
     full = task.evaluate(ema, held, halt_threshold=1.0)  # every step, no halting
     halted = task.evaluate(ema, held)
+    metrics.heldout(**{f"{name}_{k}": v for name, r in (("all_steps", full), ("halting", halted))
+                       for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     report = {
         "task": cfg.task, "config": cfg.model_dump(), "model": asdict(ema.config), "parameters": ema.num_parameters(),
         "train_seconds": round(seconds, 1), "steps": cfg.steps,
@@ -304,6 +311,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="pick the halting threshold of the model trained into DIR (after training)")
     parser.add_argument("--steps", type=int, help="override the config's steps")
     parser.add_argument("--out", help="override the config's out")
+    add_metrics_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = "python -m training.trm " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -313,7 +321,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--config or --calibrate is required")
     cfg = TrainConfig.model_validate({**yaml.safe_load(args.config.read_text()), "task": args.task})
     cfg = cfg.model_copy(update={k: v for k, v in (("steps", args.steps), ("out", args.out)) if v is not None})
-    train(cfg, command)
+    metrics = TrainingMetrics(f"trm:{cfg.task}", cfg.steps, args.metrics_port)
+    try:
+        train(cfg, command, metrics)
+    finally:
+        metrics.close()
     return calibrate(Path(cfg.out) if Path(cfg.out).is_absolute() else REPO / cfg.out, command=command)
 
 
