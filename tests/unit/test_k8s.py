@@ -546,3 +546,9 @@ def test_grafana_dashboard_shows_only_metrics_the_code_records():
     defined = set(re.findall(r'metrics\.\w+\(\s*"(switchyard_\w+)"', code))
     assert defined and queried == defined, (queried - defined, defined - queried)
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    # training's own metrics (prometheus-client, scraped from the run itself: no ray_ prefix)
+    training = set(re.findall(r'(?:Counter|Gauge|Histogram)\(\s*"(switchyard_training_\w+)"',
+                              (ROOT / "training" / "metrics.py").read_text()))
+    shown = {re.sub(r"_(total|bucket|sum|count)$", "", m) for e in exprs
+             for m in re.findall(r"(?<![\w])(switchyard_training_\w+)", e)}
+    assert training and shown == training, (shown - training, training - shown)
