@@ -32,7 +32,6 @@ class DeploymentOptions(Strict):
     health_check_period_s: float = Field(10, gt=0, description="Seconds between check_health calls.")
     health_check_timeout_s: float = Field(30, gt=0, description="A check_health slower than this fails.")
     graceful_shutdown_timeout_s: float = Field(20, ge=0, description="Wait for in-flight requests on shutdown.")
-    max_replicas_per_node: int | None = Field(None, gt=0, description="Spread replicas over nodes (Serve's option).")
     logging_config: dict[str, Any] | None = Field(
         None, description="Serve's LoggingConfig: log_level, encoding, enable_access_log, logs_dir."
     )

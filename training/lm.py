@@ -246,11 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(torch.get_num_threads())
     command = "python -m training.lm " + shlex.join(argv if argv is not None else sys.argv[1:])
     preset = PRESETS[args.model]
-    metrics = TrainingMetrics(f"lm:{args.model}", args.steps or preset.steps, args.metrics_port)
-    try:
+    with TrainingMetrics(f"lm:{args.model}", args.steps or preset.steps, args.metrics_port) as metrics:
         train(args.model, preset, args.out or TRAINED_DIR / args.model, args.steps, command=command, metrics=metrics)
-    finally:
-        metrics.close()
 
 
 if __name__ == "__main__":

@@ -209,11 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if kind != "lm":
         raise SystemExit(f"backend {args.backend!r} is a {kind}, not a language model")
     command = "python -m training.lora " + shlex.join(argv if argv is not None else sys.argv[1:])
-    metrics = TrainingMetrics(f"lora:{args.backend}", cfg.steps, args.metrics_port)
-    try:
+    with TrainingMetrics(f"lora:{args.backend}", cfg.steps, args.metrics_port) as metrics:
         return train(cfg, cfg.model or model, args.backend, command, metrics)
-    finally:
-        metrics.close()
 
 
 if __name__ == "__main__":

@@ -59,6 +59,12 @@ class TrainingMetrics:
             self.server.server_close()
             self.server = None
 
+    def __enter__(self) -> TrainingMetrics:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def add_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, metavar="PORT",

@@ -321,11 +321,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--config or --calibrate is required")
     cfg = TrainConfig.model_validate({**yaml.safe_load(args.config.read_text()), "task": args.task})
     cfg = cfg.model_copy(update={k: v for k, v in (("steps", args.steps), ("out", args.out)) if v is not None})
-    metrics = TrainingMetrics(f"trm:{cfg.task}", cfg.steps, args.metrics_port)
-    try:
+    with TrainingMetrics(f"trm:{cfg.task}", cfg.steps, args.metrics_port) as metrics:
         train(cfg, command, metrics)
-    finally:
-        metrics.close()
     return calibrate(Path(cfg.out) if Path(cfg.out).is_absolute() else REPO / cfg.out, command=command)
 
 

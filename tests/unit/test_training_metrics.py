@@ -22,13 +22,11 @@ def free_port() -> int:
 
 def test_a_run_is_scraped_over_http_while_it_runs():
     port = free_port()
-    metrics = TrainingMetrics("lm:test", planned_steps=10, port=port, addr="127.0.0.1")
-    try:
+    with TrainingMetrics("lm:test", planned_steps=10, port=port, addr="127.0.0.1") as metrics:
         metrics.step(loss=2.5, seconds=0.02, examples=8)
         metrics.step(loss=2.0, seconds=0.03, examples=8)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    finally:
-        metrics.close()
+    assert metrics.server is None  # closed on leaving
     got, job = samples(text), (("job", "lm:test"),)
     assert got[("switchyard_training_steps_total", job)] == 2
     assert got[("switchyard_training_examples_total", job)] == 16
