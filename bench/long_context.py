@@ -158,25 +158,32 @@ async def run(contexts: list[int], new: list[int], repeats: int, config: Path = 
     backends = {b.name: b.capability for b in app.backends}
     backends |= {n: backends[n].model_copy(update={"cost": costs[n]}) for n in BACKENDS}
     policy = Policy({n: backends[n] for n in BACKENDS}, app.routing.model_copy(update={"strategy": "cost"}))
+    cases = [(context, n) for context in contexts for n in new if n < context]
+    measured: dict[tuple[int, int], dict[str, float]] = {case: {} for case in cases}
+    prompt_tokens: dict[tuple[int, int], int] = {}
+    # One backend at a time, as the calibration: two engines taking turns in one process slow each
+    # other by 20 to 60% here (each has its own torch thread pool, and they compete for the cores),
+    # which Serve's backends, each a Ray actor process of its own, do not.
+    for name, engine in engines.items():
+        await timed(engine, tok.decode(ids[:64]), 2)  # warm-up after the switch
+        for context, n in cases:
+            if engine.max_context is None or context <= engine.max_context:
+                measured[(context, n)][name], prompt_tokens[(context, n)] = await timed(
+                    engine, tok.decode(ids[:context - n - 1]), n)
     grid = []
-    for context in contexts:
-        for n in (n for n in new if n < context):
-            text = tok.decode(ids[:context - n - 1])
-            point = {"prompt_tokens": None, "new_tokens": n, "seconds": {}}
-            for name, engine in engines.items():
-                if engine.max_context is None or context <= engine.max_context:
-                    point["seconds"][name], point["prompt_tokens"] = await timed(engine, text, n)
-            if len(point["seconds"]) < 2:
-                continue
-            f = Features(endpoint="bench", modality="text", tokens=point["prompt_tokens"], max_new_tokens=n, pages=0,
-                         text="")
-            d = policy.decide(f)
-            point |= {"router": d.backend, "predicted_s": d.predicted_s,
-                      "faster": min(point["seconds"], key=point["seconds"].get)}
-            point["seconds"] = {k: round(v, 3) for k, v in point["seconds"].items()}
-            grid.append(point)
-            print(f"  L={point['prompt_tokens']} N={n}: measured {point['seconds']}, predicted "
-                  f"{point['predicted_s']}, router {d.backend}", flush=True)
+    for context, n in cases:
+        point = {"prompt_tokens": prompt_tokens[(context, n)], "new_tokens": n, "seconds": measured[(context, n)]}
+        if len(point["seconds"]) < 2:
+            continue
+        f = Features(endpoint="bench", modality="text", tokens=point["prompt_tokens"], max_new_tokens=n, pages=0,
+                     text="")
+        d = policy.decide(f)
+        point |= {"router": d.backend, "predicted_s": d.predicted_s,
+                  "faster": min(point["seconds"], key=point["seconds"].get)}
+        point["seconds"] = {k: round(v, 3) for k, v in point["seconds"].items()}
+        grid.append(point)
+        print(f"  L={point['prompt_tokens']} N={n}: measured {point['seconds']}, predicted "
+              f"{point['predicted_s']}, router {d.backend}", flush=True)
 
     m, t = curves["mamba"], curves["transformer"]
     result = {

@@ -89,7 +89,7 @@ async def run(n: int, tokens: int, backend: str = "transformer") -> dict:
                 accepted[method][0] += engine.spec_stats.accepted - before[0]
                 accepted[method][1] += engine.spec_stats.proposed - before[1]
             else:
-                text, count = hf(method, messages)
+                text, count = await engine.on_engine_thread(hf, method, messages)  # its thread: see there
             seconds[method].append(time.perf_counter() - start)
             made[method] += count
             texts[method].append(text)
