@@ -2,13 +2,17 @@
 
 Half of each batch is plain source (random windows of the train split), half is chat tasks made
 from the same files: "Rewrite this code", "Fix this code" (a seeded corruption, see corpus.py)
-and "Continue this code". The chat half teaches the model to copy from its prompt, which is what
-prompt-lookup and draft speculation accept. Held-out perplexity (files the model never saw) is
-reported next to the uniform and unigram baselines in the output's training.json.
+and "Continue this code". Those tasks alone did not teach the transformer to copy from its prompt,
+which is what prompt-lookup and draft speculation accept: a preset's `copy_steps` first train on
+synthetic repeats (`repeated_spans`), which grow the induction heads copying needs, and
+`copy_share` keeps some in every later batch. The output's training.json reports held-out
+perplexity (files the model never saw) next to the uniform and unigram baselines, and how often the
+model's greedy guess hits on held-out repeats and rewrites; `--evaluate DIR` recomputes them.
 
-    python -m training.lm --model tiny-llama          # about 25 min on 2 cores
-    python -m training.lm --model tiny-llama-draft    # about 5 min
+    python -m training.lm --model tiny-llama          # about 17 min on 2 cores
+    python -m training.lm --model tiny-llama-draft    # about 8 min
     python -m training.lm --model tiny-mamba          # about 30 min
+    python -m training.lm --evaluate models/embedded/tiny-llama
 
 The Mamba trains through models.mamba.forward (transformers' reference scan is far slower to
 backpropagate on CPU) and is saved as an ordinary transformers MambaForCausalLM checkpoint.
@@ -283,7 +287,7 @@ def train(name: str, preset: Preset, out: Path, steps: int | None = None, eval_n
         metrics.step(losses[-1], time.perf_counter() - began, x.shape[0])
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
         if (bar.n + 1) % 100 == 0 and bar.n < preset.copy_steps:
-            logger.info("step %d: repeat hit rate %.3f", bar.n + 1, hit_rate(model, *repeats) or 0.0)
+            logger.info("step %d: repeat hit rate %.3f", bar.n + 1, hit_rate(model, *repeats))
     seconds = time.perf_counter() - start
 
     model.save_pretrained(out)
