@@ -146,6 +146,11 @@ def repeated_spans(n: int, seq: int, vocab: int, rng: random.Random, first: int 
     return torch.tensor(rows), torch.tensor(labels)
 
 
+def eval_repeats(seq: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """16 rows of repeats that training never draws (seeded SEED + 1, training SEED)."""
+    return repeated_spans(16, seq, vocab, random.Random(SEED + 1))
+
+
 def batches(stream: torch.Tensor, chats: list[list[int]], preset: Preset, pad: int, vocab: int = 4096,
             seed: int = SEED):
     """Endless (input_ids, labels) batches, seeded: `copy_steps` batches of repeated spans, then stream
@@ -261,7 +266,7 @@ def train(name: str, preset: Preset, out: Path, steps: int | None = None, eval_n
     train_stream, heldout = token_stream(tok, "train"), token_stream(tok, "heldout")
     chats = chat_examples(tok, preset.seq)
     windows = eval_windows(heldout, eval_n, preset.seq)
-    repeats = repeated_spans(16, preset.seq, len(tok), random.Random(SEED + 1))  # progress in the warm-up
+    repeats = eval_repeats(preset.seq, len(tok))  # progress in the warm-up
     logger.info("%s: %d train tokens, %d held-out tokens, %d chat examples",
                 name, len(train_stream), len(heldout), len(chats))
 
@@ -296,7 +301,7 @@ def train(name: str, preset: Preset, out: Path, steps: int | None = None, eval_n
         "corpus": corpus.corpus_id(), "train_tokens": len(train_stream), "chat_examples": len(chats),
         "final_train_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
         "heldout_windows": f"{eval_n} x {preset.seq} tokens",
-        **heldout_figures(model, tok, eval_n, preset.seq),
+        **heldout_figures(model, tok, windows),
         "unigram_ppl": round(unigram_perplexity(train_stream, windows, len(tok)), 2),
         "uniform_ppl": len(tok),
         "train_seconds": round(seconds, 1), "torch": torch.__version__,
@@ -308,22 +313,25 @@ def train(name: str, preset: Preset, out: Path, steps: int | None = None, eval_n
     return report
 
 
-def heldout_figures(model: torch.nn.Module, tok: PreTrainedTokenizerBase, eval_n: int, seq: int) -> dict[str, float]:
-    """Perplexity on `eval_n` windows of held-out files, and teacher-forced greedy hit rates on held-out
+def heldout_figures(model: torch.nn.Module, tok: PreTrainedTokenizerBase, windows: torch.Tensor) -> dict[str, Any]:
+    """Perplexity on `windows` of held-out files, and teacher-forced greedy hit rates on held-out
     synthetic repeats and on the answers of held-out "Rewrite this code" chats (what prompt lookup can
-    accept)."""
-    windows = eval_windows(token_stream(tok, "heldout"), eval_n, seq)
-    repeats = repeated_spans(16, seq, len(tok), random.Random(SEED + 1))  # not the training draw (SEED)
+    accept; None when no chat fits in a window)."""
+    n, seq = windows.shape
+    repeats = eval_repeats(seq, len(tok))
+    rewrite = hit_rate(model, *rewrite_examples(tok, n, seq))
     return {"heldout_ppl": round(perplexity(model, windows), 2),
             "repeat_hit_rate": round(hit_rate(model, *repeats), 4),
-            "rewrite_hit_rate": (r := hit_rate(model, *rewrite_examples(tok, eval_n, seq))) and round(r, 4)}
+            "rewrite_hit_rate": None if rewrite is None else round(rewrite, 4)}
 
 
-def evaluate(path: Path, eval_n: int = 64, seq: int = 256) -> dict[str, float]:
+def evaluate(path: Path, eval_n: int = 64, seq: int = 256) -> dict[str, Any]:
     """A saved model's held-out figures, as training reports them."""
     from transformers import AutoModelForCausalLM
 
-    return heldout_figures(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), eval_n, seq)
+    tok = AutoTokenizer.from_pretrained(path)
+    windows = eval_windows(token_stream(tok, "heldout"), eval_n, seq)
+    return heldout_figures(AutoModelForCausalLM.from_pretrained(path), tok, windows)
 
 
 def main(argv: list[str] | None = None) -> None:
