@@ -366,7 +366,8 @@ class HFEngine(Engine):
         req, eos = job.request, self.tokenizer.eos_token_id
         stats = self.spec_stats if proposer is None else speculative.Stats()
         if proposer is None and job.speculation == "draft":
-            proposer = speculative.DraftModel(self.draft, self.draft_tokens)
+            max_len = job.ids.shape[1] + req.max_tokens + self.draft_tokens  # guesses past the last token included
+            proposer = speculative.DraftModel(self.draft, self.draft_tokens, max_len)
         elif proposer is None:
             proposer = speculative.PromptLookup(self.prompt_lookup_tokens)
         pick = speculative.greedy if req.temperature == 0 else speculative.sampler(req.temperature, req.top_p)

@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache
 
-from models import mamba
+from models import lean_llama, mamba
 
 
 class Proposer(Protocol):
@@ -69,18 +69,24 @@ class NoGuesses:
 
 
 class DraftModel:
-    """Guesses with a small causal LM sharing the tokenizer, greedily, from its own KV cache."""
+    """Guesses with a small causal LM sharing the tokenizer, greedily, from its own KV cache of
+    `max_len` positions, through models.lean_llama's forward where it covers the draft (2.5x cheaper
+    than transformers' for the embedded draft) and transformers' otherwise."""
 
-    def __init__(self, model: torch.nn.Module, k: int):
+    def __init__(self, model: torch.nn.Module, k: int, max_len: int):
         self.model, self.k = model, k
-        self.cache = DynamicCache(config=model.config)
-        self.seen = 0  # tokens of the sequence in self.cache
+        self.lean = lean_llama.LeanLlama(model, max_len) if lean_llama.supports(model) else None
+        self.cache = None if self.lean else DynamicCache(config=model.config)
+        self.seen = 0  # tokens of the sequence in the draft's cache
 
     def _next(self, ids: list[int]) -> int:
-        x = torch.tensor([ids], device=self.model.device)
-        logits = self.model(input_ids=x, cache=self.cache, use_cache=True, logits_to_keep=1).logits
+        if self.lean is not None:
+            logits = self.lean.forward(ids)
+        else:
+            x = torch.tensor([ids], device=self.model.device)
+            logits = self.model(input_ids=x, cache=self.cache, use_cache=True, logits_to_keep=1).logits[0, -1]
         self.seen += len(ids)
-        return int(logits[0, -1].argmax())
+        return int(logits.argmax())
 
     def propose(self, tokens: list[int]) -> list[int]:
         guesses = [self._next(tokens[self.seen:])]
@@ -90,7 +96,10 @@ class DraftModel:
 
     def keep(self, n: int) -> None:
         if self.seen > n:
-            self.cache.crop(n - self.seen)
+            if self.lean is not None:
+                self.lean.crop(n)
+            else:
+                self.cache.crop(n - self.seen)
             self.seen = n
 
 

@@ -8,16 +8,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models import speculative
+from models import lean_llama, speculative
 
 VOCAB = 64
 
 
-def _llama(seed: int, hidden: int, layers: int) -> LlamaForCausalLM:
+def _llama(seed: int, hidden: int, layers: int, **extra) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=1,
-                      pad_token_id=0)
+                      pad_token_id=0, **extra)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -63,20 +63,44 @@ def test_prompt_lookup_keeps_greedy_output(main, seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_draft_model_keeps_greedy_output(main, seed):
     prompt = _prompt(seed)
-    made, _ = _spec(main, prompt, speculative.DraftModel(_llama(1, 32, 1), k=4), 33)
+    made, _ = _spec(main, prompt, speculative.DraftModel(_llama(1, 32, 1), k=4, max_len=128), 33)
     assert made == _plain(main, prompt, 33)
 
 
 def test_a_draft_that_is_the_model_is_always_accepted(main):
-    made, stats = _spec(main, _prompt(9), speculative.DraftModel(main, k=4), 41)
+    made, stats = _spec(main, _prompt(9), speculative.DraftModel(main, k=4, max_len=128), 41)
     assert made == _plain(main, _prompt(9), 41)
     assert stats.accepted == stats.proposed > 0
     assert stats.rounds == 8  # 1 token from the prefill, then 8 rounds of 4 guesses + 1
 
 
+def test_a_draft_the_lean_forward_does_not_cover_uses_transformers(main):
+    biased = _llama(1, 32, 1, attention_bias=True)
+    assert not lean_llama.supports(biased)
+    draft = speculative.DraftModel(biased, k=4, max_len=128)
+    assert draft.lean is None
+    made, _ = _spec(main, _prompt(1), draft, 33)
+    assert made == _plain(main, _prompt(1), 33)
+
+
+def test_lean_forward_gives_transformers_logits():
+    model = _llama(2, 64, 2, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    assert lean_llama.supports(model)
+    ids = torch.randint(2, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expect = model(input_ids=ids).logits[0]
+    lean = lean_llama.LeanLlama(model, max_len=64)
+    torch.testing.assert_close(lean.forward(ids[0, :30].tolist()), expect[29])  # a prompt
+    torch.testing.assert_close(lean.forward(ids[0, 30:34].tolist()), expect[33])  # guesses checked together
+    lean.crop(31)  # three of them refused
+    torch.testing.assert_close(lean.forward(ids[0, 31:32].tolist()), expect[31])
+    with pytest.raises(ValueError, match="holds 64 positions"):
+        lean.forward(list(range(40)))
+
+
 def test_max_new_tokens_is_exact_whatever_the_guesses(main):
     for n in (1, 2, 7):
-        made, _ = _spec(main, _prompt(1), speculative.DraftModel(main, k=5), n)
+        made, _ = _spec(main, _prompt(1), speculative.DraftModel(main, k=5, max_len=128), n)
         assert len(made) == n
 
 
@@ -89,7 +113,7 @@ def test_emit_stops_generation(main):
 
 def test_sampling_near_zero_temperature_is_greedy(main):
     prompt = _prompt(3)
-    made, _ = _spec(main, prompt, speculative.PromptLookup(k=4), 30, speculative.sampler(1e-4, 1.0))
+    made, _ = _spec(main, prompt, speculative.PromptLookup(k=4), 30, speculative.sampler(1e-6, 1.0))  # logits 2e-4 apart at one step
     assert made == _plain(main, prompt, 30)
     made, _ = _spec(main, prompt, speculative.PromptLookup(k=4), 30, speculative.sampler(1.0, 1e-6))
     assert made == _plain(main, prompt, 30)
