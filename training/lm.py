@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM,
                           PreTrainedTokenizerBase)
@@ -63,6 +64,7 @@ class Preset:
     chat_share: float = 0.5
     copy_steps: int = 0  # induction warm-up: steps of synthetic repeated spans before the corpus
     copy_share: float = 0.0  # share of each later batch that stays synthetic repeats
+    teacher: str | None = None  # after the warm-up, learn this embedded model's next-token distributions
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -71,8 +73,10 @@ PRESETS = {
     # about 800 steps here, the same depth 256 wide not within 800 (README, "The embedded default models")
     "tiny-llama": Preset(hidden=128, layers=4, intermediate=344, heads=4, kv_heads=2, lr=3e-3, copy_steps=1200,
                          copy_share=0.125),
+    # The draft learns the target's distributions, not the corpus's: speculation keeps a guess when it is
+    # the target's own choice (distillation, as DistillSpec, Zhou et al., 2023).
     "tiny-llama-draft": Preset(hidden=64, layers=2, intermediate=176, heads=4, kv_heads=2, lr=3e-3, copy_steps=1000,
-                               copy_share=0.125),
+                               copy_share=0.125, teacher="tiny-llama"),
     # Same width and depth as tiny-llama; fewer steps, as a Mamba step costs about 3x on CPU.
     "tiny-mamba": Preset(hidden=256, layers=4, arch="mamba", steps=500),
 }
@@ -201,6 +205,26 @@ def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return model(input_ids=x, labels=y).loss
 
 
+def distill_loss(model: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || model) of the next-token distributions, averaged over the labelled positions."""
+    mask = y[:, 1:] != -100
+    with torch.no_grad():
+        target = F.log_softmax(teacher(input_ids=x).logits[:, :-1][mask], dim=-1)
+    guess = F.log_softmax(model(input_ids=x).logits[:, :-1][mask], dim=-1)
+    return F.kl_div(guess, target, log_target=True, reduction="batchmean")
+
+
+@torch.no_grad()
+def agreement(model: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Share of labelled positions where both models' greedy next tokens agree (what a draft's guess
+    needs to be kept); None without examples."""
+    if not len(x):
+        return None
+    model.eval()
+    mask = y[:, 1:] != -100
+    return (logits_of(model, x)[:, :-1].argmax(-1)[mask] == logits_of(teacher, x)[:, :-1].argmax(-1)[mask]).float().mean().item()
+
+
 def logits_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mamba.forward(model, x)[0] if model.config.model_type == "mamba" else model(input_ids=x).logits
 
@@ -270,6 +294,11 @@ def train(name: str, preset: Preset, out: Path, steps: int | None = None, eval_n
     logger.info("%s: %d train tokens, %d held-out tokens, %d chat examples",
                 name, len(train_stream), len(heldout), len(chats))
 
+    teacher = None
+    if preset.teacher is not None:
+        teacher = LlamaForCausalLM.from_pretrained(TRAINED_DIR / preset.teacher).eval()
+        if teacher.config.vocab_size != len(tok):
+            raise ValueError(f"teacher {preset.teacher} has another vocabulary")
     model_class = MambaForCausalLM if preset.arch == "mamba" else LlamaForCausalLM
     model = model_class(model_config(preset, tok))
     params = sum(p.numel() for p in model.parameters())
@@ -282,7 +311,8 @@ def train(name: str, preset: Preset, out: Path, steps: int | None = None, eval_n
         began = time.perf_counter()
         model.train()
         x, y = next(data)
-        loss = lm_loss(model, x, y)
+        distilled = teacher is not None and bar.n >= preset.copy_steps
+        loss = distill_loss(model, teacher, x, y) if distilled else lm_loss(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -301,7 +331,7 @@ def train(name: str, preset: Preset, out: Path, steps: int | None = None, eval_n
         "corpus": corpus.corpus_id(), "train_tokens": len(train_stream), "chat_examples": len(chats),
         "final_train_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
         "heldout_windows": f"{eval_n} x {preset.seq} tokens",
-        **heldout_figures(model, tok, windows),
+        **heldout_figures(model, tok, windows, teacher),
         "unigram_ppl": round(unigram_perplexity(train_stream, windows, len(tok)), 2),
         "uniform_ppl": len(tok),
         "train_seconds": round(seconds, 1), "torch": torch.__version__,
@@ -313,25 +343,33 @@ def train(name: str, preset: Preset, out: Path, steps: int | None = None, eval_n
     return report
 
 
-def heldout_figures(model: torch.nn.Module, tok: PreTrainedTokenizerBase, windows: torch.Tensor) -> dict[str, Any]:
+def heldout_figures(model: torch.nn.Module, tok: PreTrainedTokenizerBase, windows: torch.Tensor,
+                    teacher: torch.nn.Module | None = None) -> dict[str, Any]:
     """Perplexity on `windows` of held-out files, and teacher-forced greedy hit rates on held-out
     synthetic repeats and on the answers of held-out "Rewrite this code" chats (what prompt lookup can
-    accept; None when no chat fits in a window)."""
+    accept; None when no chat fits in a window). With a teacher: how often the model's greedy guess is
+    the teacher's on those answers (what draft speculation can accept)."""
     n, seq = windows.shape
     repeats = eval_repeats(seq, len(tok))
-    rewrite = hit_rate(model, *rewrite_examples(tok, n, seq))
-    return {"heldout_ppl": round(perplexity(model, windows), 2),
-            "repeat_hit_rate": round(hit_rate(model, *repeats), 4),
-            "rewrite_hit_rate": None if rewrite is None else round(rewrite, 4)}
+    rewrites = rewrite_examples(tok, n, seq)
+    rewrite = hit_rate(model, *rewrites)
+    figures = {"heldout_ppl": round(perplexity(model, windows), 2),
+               "repeat_hit_rate": round(hit_rate(model, *repeats), 4),
+               "rewrite_hit_rate": None if rewrite is None else round(rewrite, 4)}
+    if teacher is not None:
+        agree = agreement(model, teacher, *rewrites)
+        figures["teacher_agreement"] = None if agree is None else round(agree, 4)
+    return figures
 
 
-def evaluate(path: Path, eval_n: int = 64, seq: int = 256) -> dict[str, Any]:
-    """A saved model's held-out figures, as training reports them."""
+def evaluate(path: Path, eval_n: int = 64, seq: int = 256, teacher: Path | None = None) -> dict[str, Any]:
+    """A saved model's held-out figures, as training reports them (agreement with `teacher` too)."""
     from transformers import AutoModelForCausalLM
 
     tok = AutoTokenizer.from_pretrained(path)
     windows = eval_windows(token_stream(tok, "heldout"), eval_n, seq)
-    return heldout_figures(AutoModelForCausalLM.from_pretrained(path), tok, windows)
+    teacher_model = None if teacher is None else AutoModelForCausalLM.from_pretrained(teacher).eval()
+    return heldout_figures(AutoModelForCausalLM.from_pretrained(path), tok, windows, teacher_model)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -339,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", choices=sorted(PRESETS))
     which.add_argument("--evaluate", type=Path, metavar="DIR", help="print a saved model's held-out figures")
+    parser.add_argument("--teacher", type=Path, metavar="DIR", help="with --evaluate: also the greedy agreement "
+                        "with this model (a draft's target)")
     parser.add_argument("--steps", type=int, help="override the preset's step count")
     parser.add_argument("--out", type=Path, help="default: models/embedded/MODEL")
     add_metrics_argument(parser)
@@ -346,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(torch.get_num_threads())
     if args.evaluate is not None:
-        print(json.dumps({"model": str(args.evaluate), **evaluate(args.evaluate)}))
+        print(json.dumps({"model": str(args.evaluate), **evaluate(args.evaluate, teacher=args.teacher)}))
         return
     command = "python -m training.lm " + shlex.join(argv if argv is not None else sys.argv[1:])
     preset = PRESETS[args.model]
