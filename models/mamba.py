@@ -37,6 +37,22 @@ class State:
     ssm: list[torch.Tensor]
 
 
+class Trajectory:
+    """The states after each of the T positions of one forward, as a sequence built on demand: a
+    rollback needs one of them, and building all T (8 slices each for the 4-layer default) cost
+    about as much as the forward's scan."""
+
+    def __init__(self, convs: list[torch.Tensor], ssms: list[torch.Tensor], k: int):
+        self.convs, self.ssms, self.k = convs, ssms, k  # per layer: (batch, inner, K-1+T), (batch, T, inner, N)
+
+    def __len__(self) -> int:
+        return self.ssms[0].shape[1]
+
+    def __getitem__(self, t: int) -> State:
+        t = range(len(self))[t]
+        return State([c[..., t + 1:t + 1 + self.k] for c in self.convs], [h[:, t] for h in self.ssms])
+
+
 def zero_state(model: torch.nn.Module, batch: int = 1) -> State:
     cfg, p = model.config, next(model.parameters())
     conv = [torch.zeros(batch, cfg.intermediate_size, cfg.conv_kernel - 1, device=p.device, dtype=p.dtype)
@@ -111,13 +127,13 @@ def _mixer(m: torch.nn.Module, hidden: torch.Tensor, conv0: torch.Tensor, h0: to
 
 
 def forward(model: torch.nn.Module, ids: torch.Tensor, state: State | None = None, keep: bool = False,
-            logits_to_keep: int = 0) -> tuple[torch.Tensor, list[State] | State]:
+            logits_to_keep: int = 0) -> tuple[torch.Tensor, Trajectory | State]:
     """Logits for `ids` (batch, T) after `state` (zero when None), and the state after the last token,
-    or with `keep` the states after every token (a list of T), for rollback."""
+    or with `keep` the states after every token (a Trajectory of T), for rollback."""
     backbone = model.backbone
     state = state or zero_state(model, ids.shape[0])
     hidden = backbone.embeddings(ids)
-    T, k = ids.shape[1], model.config.conv_kernel - 1
+    k = model.config.conv_kernel - 1
     convs, ssms = [], []
     for i, block in enumerate(backbone.layers):
         residual = hidden.float() if block.residual_in_fp32 else hidden
@@ -130,7 +146,7 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, state: State | None = Non
     logits = model.lm_head(hidden.to(model.lm_head.weight.dtype)).float()
     if not keep:
         return logits, State([c[..., -k:] for c in convs], ssms)
-    return logits, [State([c[..., t + 1:t + 1 + k] for c in convs], [h[:, t] for h in ssms]) for t in range(T)]
+    return logits, Trajectory(convs, ssms, k)
 
 
 def loss(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
