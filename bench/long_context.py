@@ -11,12 +11,14 @@ greedy with ignore_eos, on held-out stdlib source (text neither model trained on
    quadratic in the prompt length, decode a line in the context (least squares with coefficients
    kept >= 0, scipy's nnls).
 2. Router check, on a grid of contexts x new tokens N (--new), the prompt being the context less
-   N tokens: both backends run the whole request; the router (routing.Policy on serve_config.yaml's routing, with the
+   N tokens: both backends run the whole request (median of --grid-repeats (3) rounds, each round
+   through every point); the router (routing.Policy on serve_config.yaml's routing, with the
    fitted cost models) predicts from (L, N); `router_choice_ok` is the share of grid points where
    its choice is the backend that measured faster. Points beyond a backend's max_context are
    skipped for it; points only one backend can take are left out of the share.
 
     python -m bench.long_context [--contexts 512 1024 2048 4096 8192] [--new 16 128 384] [--write]
+                                 [--repeats 5] [--grid-repeats 3]
                                  [--config serve_config.gpu.yaml]
 
 --write stores the fitted cost models in the config (serve_config.yaml: and in
@@ -135,7 +137,7 @@ def write_costs(costs: dict[str, CostModel], paths=CONFIGS) -> None:
         path.write_text("".join(lines))
 
 
-async def run(contexts: list[int], new: list[int], repeats: int, config: Path = CONFIGS[0]
+async def run(contexts: list[int], new: list[int], repeats: int, config: Path = CONFIGS[0], grid_repeats: int = 3
               ) -> tuple[dict, dict[str, CostModel]]:
     app = AppConfig.from_serve_config(config)
     engines = {}
@@ -166,10 +168,15 @@ async def run(contexts: list[int], new: list[int], repeats: int, config: Path = 
     # which Serve's backends, each a Ray actor process of its own, do not.
     for name, engine in engines.items():
         await timed(engine, tok.decode(ids[:64]), 2)  # warm-up after the switch
-        for context, n in cases:
-            if engine.max_context is None or context <= engine.max_context:
-                measured[(context, n)][name], prompt_tokens[(context, n)] = await timed(
-                    engine, tok.decode(ids[:context - n - 1]), n)
+        runs: dict[tuple[int, int], list[float]] = {case: [] for case in cases}
+        for _ in range(grid_repeats):
+            for context, n in cases:
+                if engine.max_context is None or context <= engine.max_context:
+                    seconds, prompt_tokens[(context, n)] = await timed(engine, tok.decode(ids[:context - n - 1]), n)
+                    runs[(context, n)].append(seconds)
+        for case, seconds in runs.items():
+            if seconds:
+                measured[case][name] = statistics.median(seconds)
     grid = []
     for context, n in cases:
         point = {"prompt_tokens": prompt_tokens[(context, n)], "new_tokens": n, "seconds": measured[(context, n)]}
@@ -199,6 +206,7 @@ async def run(contexts: list[int], new: list[int], repeats: int, config: Path = 
         "grid": grid,
         "cost_models": {n: c.model_dump() for n, c in costs.items()},
         "repeats": repeats,
+        "grid_repeats": grid_repeats,
         "torch_threads": torch.get_num_threads(),
         "kernel": engines["mamba"].info()["kernel"],
     }
@@ -209,12 +217,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--new", type=int, nargs="+", default=[16, 128, 384])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of the calibration")
+    parser.add_argument("--grid-repeats", type=int, default=3, help="rounds of the router check")
     parser.add_argument("--config", type=Path, default=CONFIGS[0], help="serve config to read (and --write)")
     parser.add_argument("--write", action="store_true", help="store the fitted cost models in the config (and in "
                         "the k8s manifest when it is serve_config.yaml)")
     args = parser.parse_args()
-    result, costs = asyncio.run(run(sorted(args.contexts), args.new, args.repeats, args.config))
+    result, costs = asyncio.run(run(sorted(args.contexts), args.new, args.repeats, args.config,
+                                      args.grid_repeats))
     if args.write:
         write_costs(costs, CONFIGS if args.config.resolve() == CONFIGS[0] else (args.config,))
     print(json.dumps(result))
