@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
-from models import mamba, speculative
+from models import lean_llama, mamba, speculative
 from models.engine import Completion, Delta, Engine, GenerationRequest, InvalidRequest, fit_prompt, prompt_text
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class HFEngine(Engine):
         self.draft_ref, self.draft_tokens = draft_model, draft_tokens
         self._max_context = max_context
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-generate")
-        self.model = self.tokenizer = self.draft = None
+        self.model = self.tokenizer = self.draft = self.draft_lean = None
         self._loaded: OrderedDict[str, None] = OrderedDict()  # adapters in the model, least recent first
         self._waiting: list[_Job] = []
         self._wake = asyncio.Event()
@@ -196,6 +196,7 @@ class HFEngine(Engine):
         if self.draft_ref is not None:
             draft = AutoModelForCausalLM.from_pretrained(resolve_model(self.draft_ref), dtype=_DTYPES[self.dtype])
             self.draft = draft.to(self.device).eval()
+            self.draft_lean = lean_llama.LeanLlama(self.draft) if lean_llama.supports(self.draft) else None
         limits = [x for x in (self._max_context, getattr(cfg, "max_position_embeddings", None)) if x]
         self.max_context = min(limits) if limits else None
         logger.info("loaded %s (%s) on %s, kernel path %s, speculation %s", self.model_ref, cfg.model_type,
@@ -367,7 +368,7 @@ class HFEngine(Engine):
         stats = self.spec_stats if proposer is None else speculative.Stats()
         if proposer is None and job.speculation == "draft":
             max_len = job.ids.shape[1] + req.max_tokens + self.draft_tokens  # guesses past the last token included
-            proposer = speculative.DraftModel(self.draft, self.draft_tokens, max_len)
+            proposer = speculative.DraftModel(self.draft, self.draft_tokens, max_len, self.draft_lean)
         elif proposer is None:
             proposer = speculative.PromptLookup(self.prompt_lookup_tokens)
         pick = speculative.greedy if req.temperature == 0 else speculative.sampler(req.temperature, req.top_p)

@@ -13,17 +13,18 @@ Its output only steers speculation: the target checks every guess, so a differen
 transformers' logits could cost speed, never correctness. tests/unit/test_speculative.py still checks
 that both give the same logits.
 
-Covers `LlamaForCausalLM` (and models of the same layout: Mistral, Qwen2 without biases) with
-static rotary embeddings; `supports` says which, and DraftModel uses transformers' forward for
-the rest.
+Covers Llama and Mistral checkpoints without biases, sliding windows or length-dependent rotary
+embeddings; `supports` says which, and DraftModel uses transformers' forward for the rest.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-_STATIC_ROPE = {"default", "linear", "llama3", "yarn", "longrope"}  # cos/sin do not depend on the length
+_STATIC_ROPE = {"default", "linear", "llama3", "yarn"}  # cos/sin do not depend on the length
 
 
 def supports(model: torch.nn.Module) -> bool:
@@ -36,16 +37,16 @@ def supports(model: torch.nn.Module) -> bool:
 
 
 class LeanLlama:
-    """Incremental forward over a model's weights (shared, not copied, except the fused projections),
-    with a KV cache of `max_len` positions. `forward(ids)` appends ids and returns the last logits;
-    `crop(n)` keeps the first n positions."""
+    """The forward, over a model's weights (shared, except the fused projections, made once).
+    `cache(max_len)` makes a sequence's KV cache; `forward(cache, ids)` appends ids to it and
+    returns the last position's logits; `cache.crop(n)` keeps its first n positions."""
 
-    def __init__(self, model: torch.nn.Module, max_len: int):
-        cfg, p = model.config, next(model.parameters())
+    def __init__(self, model: torch.nn.Module):
+        cfg = model.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
-        self.eps, self.max_len, self.len = cfg.rms_norm_eps, max_len, 0
-        inner = model.model
+        self.eps = cfg.rms_norm_eps
+        inner = self.inner = model.model
         self.embed, self.norm, self.lm_head = inner.embed_tokens.weight, inner.norm.weight, model.lm_head.weight
         self.layers = []
         for layer in inner.layers:
@@ -58,25 +59,24 @@ class LeanLlama:
                 torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
                 m.down_proj.weight,
             ))
-        shape = (len(self.layers), 1, self.kv_heads, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.v_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        positions = torch.arange(max_len, device=p.device)[None]
-        cos, sin = inner.rotary_emb(self.k_cache[0], positions)  # (1, max_len, head_dim), transformers' own
-        self.cos, self.sin = cos[0].to(p.dtype), sin[0].to(p.dtype)
-
-    def crop(self, n: int) -> None:
-        self.len = min(self.len, n)
 
     @torch.inference_mode()
-    def forward(self, ids: list[int]) -> torch.Tensor:
+    def cache(self, max_len: int) -> Cache:
+        p = self.embed
+        shape = (len(self.layers), 1, self.kv_heads, max_len, self.head_dim)
+        k, v = torch.zeros(shape, dtype=p.dtype, device=p.device), torch.zeros(shape, dtype=p.dtype, device=p.device)
+        cos, sin = self.inner.rotary_emb(k[0], torch.arange(max_len, device=p.device)[None])  # transformers' own
+        return Cache(k, v, cos[0].to(p.dtype), sin[0].to(p.dtype))
+
+    @torch.inference_mode()
+    def forward(self, cache: Cache, ids: list[int]) -> torch.Tensor:
         """Logits (vocab,) after `ids`, appended at the cache's end."""
-        start, T = self.len, len(ids)
+        start, T = cache.len, len(ids)
         end = start + T
-        if end > self.max_len:
-            raise ValueError(f"the draft's cache holds {self.max_len} positions, {end} asked")
+        if end > cache.max_len:
+            raise ValueError(f"the draft's cache holds {cache.max_len} positions, {end} asked")
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
-        cos, sin = self.cos[start:end], self.sin[start:end]
+        cos, sin = cache.cos[start:end], cache.sin[start:end]
         half = D // 2
         mask = None
         if T > 1:  # query i sees the cache and the new positions up to its own
@@ -88,13 +88,32 @@ class LeanLlama:
             qk, v = qkv[:, : H + Hkv], qkv[:, H + Hkv:]
             rotated = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)
             qk = qk * cos + rotated * sin
-            self.k_cache[i, :, :, start:end] = qk[:, H:]
-            self.v_cache[i, :, :, start:end] = v
-            att = F.scaled_dot_product_attention(qk[:, :H], self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end],
+            cache.k[i, :, :, start:end] = qk[:, H:]
+            cache.v[i, :, :, start:end] = v
+            att = F.scaled_dot_product_attention(qk[:, :H], cache.k[i, :, :, :end], cache.v[i, :, :, :end],
                                                  attn_mask=mask, enable_gqa=H != Hkv)
             x = x + F.linear(att.transpose(1, 2).reshape(1, T, H * D), o_w)
             h = F.rms_norm(x, (x.shape[-1],), ln2, self.eps)
             gate, up = F.linear(h, gate_up_w).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, down_w)
-        self.len = end
+        cache.len = end
         return F.linear(F.rms_norm(x[0, -1], (x.shape[-1],), self.norm, self.eps), self.lm_head)
+
+
+@dataclass
+class Cache:
+    """One sequence's keys and values, (layers, 1, kv_heads, max_len, head_dim), its first `len`
+    positions filled, and the rotary cos/sin of every position."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    len: int = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def crop(self, n: int) -> None:
+        self.len = min(self.len, n)

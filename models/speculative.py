@@ -71,17 +71,20 @@ class NoGuesses:
 class DraftModel:
     """Guesses with a small causal LM sharing the tokenizer, greedily, from its own KV cache of
     `max_len` positions, through models.lean_llama's forward where it covers the draft (2.5x cheaper
-    than transformers' for the embedded draft) and transformers' otherwise."""
+    than transformers' for the embedded draft) and transformers' otherwise. An engine passes the
+    draft's `lean` forward, made once; without it one is made here."""
 
-    def __init__(self, model: torch.nn.Module, k: int, max_len: int):
+    def __init__(self, model: torch.nn.Module, k: int, max_len: int, lean: lean_llama.LeanLlama | None = None):
         self.model, self.k = model, k
-        self.lean = lean_llama.LeanLlama(model, max_len) if lean_llama.supports(model) else None
-        self.cache = None if self.lean else DynamicCache(config=model.config)
+        if lean is None and lean_llama.supports(model):
+            lean = lean_llama.LeanLlama(model)
+        self.lean = lean
+        self.cache = lean.cache(max_len) if lean else DynamicCache(config=model.config)
         self.seen = 0  # tokens of the sequence in the draft's cache
 
     def _next(self, ids: list[int]) -> int:
         if self.lean is not None:
-            logits = self.lean.forward(ids)
+            logits = self.lean.forward(self.cache, ids)
         else:
             x = torch.tensor([ids], device=self.model.device)
             logits = self.model(input_ids=x, cache=self.cache, use_cache=True, logits_to_keep=1).logits[0, -1]
@@ -96,10 +99,7 @@ class DraftModel:
 
     def keep(self, n: int) -> None:
         if self.seen > n:
-            if self.lean is not None:
-                self.lean.crop(n)
-            else:
-                self.cache.crop(n - self.seen)
+            self.cache.crop(n if self.lean is not None else n - self.seen)
             self.seen = n
 
 

@@ -89,13 +89,14 @@ def test_lean_forward_gives_transformers_logits():
     ids = torch.randint(2, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expect = model(input_ids=ids).logits[0]
-    lean = lean_llama.LeanLlama(model, max_len=64)
-    torch.testing.assert_close(lean.forward(ids[0, :30].tolist()), expect[29])  # a prompt
-    torch.testing.assert_close(lean.forward(ids[0, 30:34].tolist()), expect[33])  # guesses checked together
-    lean.crop(31)  # three of them refused
-    torch.testing.assert_close(lean.forward(ids[0, 31:32].tolist()), expect[31])
+    lean = lean_llama.LeanLlama(model)
+    cache = lean.cache(max_len=64)
+    torch.testing.assert_close(lean.forward(cache, ids[0, :30].tolist()), expect[29])  # a prompt
+    torch.testing.assert_close(lean.forward(cache, ids[0, 30:34].tolist()), expect[33])  # guesses checked together
+    cache.crop(31)  # three of them refused
+    torch.testing.assert_close(lean.forward(cache, ids[0, 31:32].tolist()), expect[31])
     with pytest.raises(ValueError, match="holds 64 positions"):
-        lean.forward(list(range(40)))
+        lean.forward(cache, list(range(40)))
 
 
 def test_max_new_tokens_is_exact_whatever_the_guesses(main):
