@@ -65,9 +65,6 @@ class Preset:
     copy_steps: int = 0  # induction warm-up: steps of synthetic repeated spans before the corpus
     copy_share: float = 0.0  # share of each later batch that stays synthetic repeats
     teacher: str | None = None  # after the warm-up, learn this embedded model's next-token distributions
-    init: str | None = None  # start from this embedded model's weights (same shape), not from random ones
-    copy_rows: tuple[int, int] = (0, 0)  # (batch, seq) of the warm-up's batches; (0, 0): the preset's own
-    copy_span: tuple[int, int] = (6, 40)  # span lengths of the synthetic repeats
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -82,10 +79,6 @@ PRESETS = {
                                copy_share=0.125, teacher="tiny-llama"),
     # Same width and depth as tiny-llama; fewer steps, as a Mamba step costs about 3x on CPU.
     "tiny-mamba": Preset(hidden=256, layers=4, arch="mamba", steps=500),
-    # tiny-mamba, then the copy warm-up on short rows (a Mamba step's cost grows with the row: its scan is a
-    # Python loop here), then the corpus with repeats kept in it.
-    "tiny-mamba-copy": Preset(hidden=256, layers=4, arch="mamba", init="tiny-mamba", lr=2.5e-3, copy_steps=1100,
-                              copy_rows=(32, 64), copy_span=(4, 16), steps=150, copy_share=0.125),
 }
 TASKS = ("Rewrite this code:", corpus.FIX_PROMPT, "Continue this code:")
 
@@ -140,19 +133,18 @@ def chat_examples(tok: PreTrainedTokenizerBase, seq: int, seed: int = SEED) -> l
     return examples
 
 
-def repeated_spans(n: int, seq: int, vocab: int, rng: random.Random, first: int = 16,
-                   span: tuple[int, int] = (6, 40)) -> tuple[torch.Tensor, torch.Tensor]:
+def repeated_spans(n: int, seq: int, vocab: int, rng: random.Random, first: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """`n` rows of synthetic repeats: random tokens (ids `first` and up, past the special tokens) in
-    spans of `span` (6 to 40) tokens, each followed by itself; labels on each repeat after its first token. Only
+    spans of 6 to 40, each followed by itself; labels on each repeat after its first token. Only
     copying predicts them, so they grow the induction heads (Olsson et al., 2022) that copying from a
     prompt needs: the default did not learn to copy from code alone in this machine's budget (README)."""
     rows, labels = [], []
     for _ in range(n):
         ids, lab = [], []
         while len(ids) < seq:
-            tokens = [rng.randrange(first, vocab) for _ in range(rng.randint(*span))]
-            ids += tokens + tokens
-            lab += [-100] * (len(tokens) + 1) + tokens[1:]
+            span = [rng.randrange(first, vocab) for _ in range(rng.randint(6, 40))]
+            ids += span + span
+            lab += [-100] * (len(span) + 1) + span[1:]
         rows.append(ids[:seq])
         labels.append(lab[:seq])
     return torch.tensor(rows), torch.tensor(labels)
@@ -169,9 +161,8 @@ def batches(stream: torch.Tensor, chats: list[list[int]], preset: Preset, pad: i
     windows, padded chat examples and a `copy_share` of repeated spans."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    copy_batch, copy_seq = (b or default for b, default in zip(preset.copy_rows, (preset.batch, preset.seq)))
     for _ in range(preset.copy_steps):
-        yield repeated_spans(copy_batch, copy_seq, vocab, rng, span=preset.copy_span)
+        yield repeated_spans(preset.batch, preset.seq, vocab, rng)
     n_copy = round(preset.batch * preset.copy_share)
     n_chat = round(preset.batch * preset.chat_share)
     while True:
@@ -179,7 +170,7 @@ def batches(stream: torch.Tensor, chats: list[list[int]], preset: Preset, pad: i
         rows = [stream[s:s + preset.seq] for s in starts.tolist()]
         labels = [r.clone() for r in rows]
         if n_copy:
-            x, y = repeated_spans(n_copy, preset.seq, vocab, rng, span=preset.copy_span)
+            x, y = repeated_spans(n_copy, preset.seq, vocab, rng)
             rows.extend(x)
             labels.extend(y)
         for ids in rng.sample(chats, n_chat):
@@ -309,12 +300,7 @@ def train(name: str, preset: Preset, out: Path, steps: int | None = None, eval_n
         if teacher.config.vocab_size != len(tok):
             raise ValueError(f"teacher {preset.teacher} has another vocabulary")
     model_class = MambaForCausalLM if preset.arch == "mamba" else LlamaForCausalLM
-    if preset.init is not None:
-        model = model_class.from_pretrained(TRAINED_DIR / preset.init)
-        if model.config.vocab_size != len(tok):
-            raise ValueError(f"init model {preset.init} has another vocabulary")
-    else:
-        model = model_class(model_config(preset, tok))
+    model = model_class(model_config(preset, tok))
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, preset.warmup))

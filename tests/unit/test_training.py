@@ -97,21 +97,6 @@ def test_batches_start_with_the_copy_warm_up_then_keep_a_share_of_repeats():
     assert sorted(x[2:, :3].tolist()) == [[1, 2, 3], [4, 5, 6]] and (x[2:, 3:] == 0).all()
 
 
-def test_the_warm_up_can_have_its_own_rows_and_spans():
-    preset = lm.Preset(hidden=8, layers=1, batch=4, seq=32, copy_steps=1, copy_rows=(6, 20), copy_span=(3, 3))
-    x, y = next(lm.batches(torch.arange(100, 200), [[1, 2, 3]], preset, pad=0, vocab=100))
-    assert x.shape == (6, 20)
-    assert torch.equal(x[:, :3], x[:, 3:6]) and torch.equal(y[:, 4:6], x[:, 4:6])  # spans of 3, then their repeat
-
-
-def test_init_starts_from_an_embedded_model(tmp_path):
-    preset = lm.Preset(hidden=64, layers=2, intermediate=176, heads=4, kv_heads=2, batch=2, seq=64, steps=1,
-                       lr=1e-9, init="tiny-llama-draft")
-    lm.train("t", preset, tmp_path, eval_n=2)
-    trained, start = (AutoModelForCausalLM.from_pretrained(p) for p in (tmp_path, DRAFT))
-    assert torch.allclose(trained.lm_head.weight, start.lm_head.weight, atol=1e-5)  # a step of lr 1e-9 from it
-
-
 def test_rewrite_examples_label_the_answer_only():
     tok = AutoTokenizer.from_pretrained(LLAMA)
     x, y = lm.rewrite_examples(tok, 4, 256)
