@@ -1,8 +1,9 @@
 """Prefill and decode cost against context length for the Mamba and transformer backends, the cost
 models fitted to them, and how often the router, using those models, picks the faster backend.
 
-Each backend runs as the config sets it up (its engine, as deployments/lm.py builds it), one request at a time,
-greedy with ignore_eos, on held-out stdlib source (text neither model trained on).
+Each backend runs as the config sets it up (its engine, as deployments/lm.py builds it), in a process
+of its own (as Serve runs it), one request at a time, greedy with ignore_eos, on held-out stdlib
+source (text neither model trained on).
 
 1. Calibration, at every context C in --contexts: a streamed request of 128 new tokens after a
    prompt of C - 129 tokens; prefill seconds are the time to its first piece, decode ms per token
@@ -33,14 +34,17 @@ import argparse
 import asyncio
 import datetime
 import json
+import multiprocessing
 import re
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import scipy.optimize
 import torch
+from transformers import AutoTokenizer
 
 from deployments.config import AppConfig
 from deployments.lm import engine_class
@@ -137,51 +141,60 @@ def write_costs(costs: dict[str, CostModel], paths=CONFIGS) -> None:
         path.write_text("".join(lines))
 
 
-async def run(contexts: list[int], new: list[int], repeats: int, config: Path = CONFIGS[0], grid_repeats: int = 3
-              ) -> tuple[dict, dict[str, CostModel]]:
-    app = AppConfig.from_serve_config(config)
-    engines = {}
-    for name in BACKENDS:  # built as deployments/lm.py builds them: hf, or vllm on a GPU config
-        cfg = app.backend(name)
-        engines[name] = engine_class(cfg.engine)(
-            model=resolve_model(cfg.model), device=cfg.device, dtype=cfg.dtype,
-            max_context=cfg.capability.max_context, adapters={}, **cfg.engine_kwargs)
-        await engines[name].start()
-    tok = engines["transformer"].tokenizer
-    ids = heldout_ids(tok, max(contexts))
-    stamp = f"python -m bench.long_context, {torch.get_num_threads()} threads, {datetime.date.today()}"
+async def _measure(name: str, config: Path, texts: dict[int, str], cases: dict[tuple[int, int], str], repeats: int,
+                   grid_repeats: int) -> dict:
+    cfg = AppConfig.from_serve_config(config).backend(name)
+    # built as deployments/lm.py builds it: hf, or vllm on a GPU config
+    engine = engine_class(cfg.engine)(model=resolve_model(cfg.model), device=cfg.device, dtype=cfg.dtype,
+                                      max_context=cfg.capability.max_context, adapters={}, **cfg.engine_kwargs)
+    await engine.start()
+    curve = await calibrate(name, engine, texts, repeats)
+    runs: dict[tuple[int, int], list[float]] = {case: [] for case in cases}
+    prompt_tokens: dict[tuple[int, int], int] = {}
+    for _ in range(grid_repeats):
+        for (context, n), prompt in cases.items():
+            if engine.max_context is None or context <= engine.max_context:
+                seconds, prompt_tokens[(context, n)] = await timed(engine, prompt, n)
+                runs[(context, n)].append(seconds)
+    return {"curve": curve, "seconds": {case: statistics.median(s) for case, s in runs.items() if s},
+            "prompt_tokens": prompt_tokens, "kernel": engine.info()["kernel"]}
 
-    curves, costs = {}, {}
-    for name, engine in engines.items():
-        texts = {c: tok.decode(ids[:c - DECODE - 1]) for c in contexts}  # the context holds the last token too
-        curves[name] = await calibrate(name, engine, texts, repeats)
-        costs[name] = fit(curves[name], stamp)
+
+def measure(*args) -> dict:
+    """One backend's calibration and grid timings, in a process of its own: Serve runs each backend in
+    a Ray actor process of its own, and two engines in one process slow each other even when one is
+    idle (a Mamba request of 127 + 384 tokens took 0.87 to 0.94 s alone, 1.26 to 1.48 s with the
+    transformer engine loaded beside it, 1.71 to 1.87 s once that had generated; their torch thread
+    pools compete for the two cores)."""
+    return asyncio.run(_measure(*args))
+
+
+def run(contexts: list[int], new: list[int], repeats: int, config: Path = CONFIGS[0], grid_repeats: int = 3
+        ) -> tuple[dict, dict[str, CostModel]]:
+    app = AppConfig.from_serve_config(config)
+    tok = AutoTokenizer.from_pretrained(resolve_model(app.backend("transformer").model))
+    ids = heldout_ids(tok, max(contexts))
+    texts = {c: tok.decode(ids[:c - DECODE - 1]) for c in contexts}  # the context holds the last token too
+    cases = {(context, n): tok.decode(ids[:context - n - 1]) for context in contexts for n in new if n < context}
+    stamp = f"python -m bench.long_context, {torch.get_num_threads()} threads, {datetime.date.today()}"
+    results = {}
+    for name in BACKENDS:  # one at a time, each in a fresh process
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results[name] = pool.submit(measure, name, config, texts, cases, repeats, grid_repeats).result()
+    curves = {name: r["curve"] for name, r in results.items()}
+    costs = {name: fit(curve, stamp) for name, curve in curves.items()}
 
     backends = {b.name: b.capability for b in app.backends}
     backends |= {n: backends[n].model_copy(update={"cost": costs[n]}) for n in BACKENDS}
     policy = Policy({n: backends[n] for n in BACKENDS}, app.routing.model_copy(update={"strategy": "cost"}))
-    cases = [(context, n) for context in contexts for n in new if n < context]
-    measured: dict[tuple[int, int], dict[str, float]] = {case: {} for case in cases}
-    prompt_tokens: dict[tuple[int, int], int] = {}
-    # One backend at a time, as the calibration: two engines taking turns in one process slow each
-    # other by 20 to 60% here (each has its own torch thread pool, and they compete for the cores),
-    # which Serve's backends, each a Ray actor process of its own, do not.
-    for name, engine in engines.items():
-        await timed(engine, tok.decode(ids[:64]), 2)  # warm-up after the switch
-        runs: dict[tuple[int, int], list[float]] = {case: [] for case in cases}
-        for _ in range(grid_repeats):
-            for context, n in cases:
-                if engine.max_context is None or context <= engine.max_context:
-                    seconds, prompt_tokens[(context, n)] = await timed(engine, tok.decode(ids[:context - n - 1]), n)
-                    runs[(context, n)].append(seconds)
-        for case, seconds in runs.items():
-            if seconds:
-                measured[case][name] = statistics.median(seconds)
+    measured = {case: {name: r["seconds"][case] for name, r in results.items() if case in r["seconds"]}
+                for case in cases}
+    prompt_tokens = results["transformer"]["prompt_tokens"] | results["mamba"]["prompt_tokens"]
     grid = []
-    for context, n in cases:
-        point = {"prompt_tokens": prompt_tokens[(context, n)], "new_tokens": n, "seconds": measured[(context, n)]}
-        if len(point["seconds"]) < 2:
+    for (context, n), seconds in measured.items():
+        if len(seconds) < 2:  # only one backend takes it
             continue
+        point = {"prompt_tokens": prompt_tokens[(context, n)], "new_tokens": n, "seconds": seconds}
         f = Features(endpoint="bench", modality="text", tokens=point["prompt_tokens"], max_new_tokens=n, pages=0,
                      text="")
         d = policy.decide(f)
@@ -208,7 +221,7 @@ async def run(contexts: list[int], new: list[int], repeats: int, config: Path = 
         "repeats": repeats,
         "grid_repeats": grid_repeats,
         "torch_threads": torch.get_num_threads(),
-        "kernel": engines["mamba"].info()["kernel"],
+        "kernel": results["mamba"]["kernel"],
     }
     return result, costs
 
@@ -223,8 +236,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="store the fitted cost models in the config (and in "
                         "the k8s manifest when it is serve_config.yaml)")
     args = parser.parse_args()
-    result, costs = asyncio.run(run(sorted(args.contexts), args.new, args.repeats, args.config,
-                                      args.grid_repeats))
+    result, costs = run(sorted(args.contexts), args.new, args.repeats, args.config, args.grid_repeats)
     if args.write:
         write_costs(costs, CONFIGS if args.config.resolve() == CONFIGS[0] else (args.config,))
     print(json.dumps(result))
