@@ -13,6 +13,7 @@ import openai
 import pytest
 from PIL import Image
 
+from deployments.config import AppConfig
 from models import code_grid
 
 SUDOKU = [
@@ -174,17 +175,18 @@ def test_short_chat_goes_to_the_backend_predicted_fastest(client):
     assert "text_generation" in r.headers["x-switchyard-reason"]
 
 
-# With the measured costs in serve_config.yaml (bench.long_context): the transformer prefills faster,
-# mamba decodes faster, so a long prompt with a short answer goes to the transformer and a long answer
-# to mamba.
-@pytest.mark.parametrize("prompt,max_tokens,backend", [
-    (LONG_PROMPT, 4, "transformer"),
-    (LONG_PROMPT, 1000, "mamba"),
-    ("def add(a, b):", 512, "mamba"),
-])
-def test_routing_follows_the_measured_costs(client, prompt, max_tokens, backend):
+# The router predicts each backend's latency from the cost models measured into serve_config.yaml
+# (bench.long_context --write) and picks the lowest. Which backend that is depends on the machine the
+# costs were measured on (on this 2-core machine the transformer is predicted faster at these points), so the
+# test checks the predictions against the config's cost models and the choice against the predictions.
+@pytest.mark.parametrize("prompt,max_tokens", [(LONG_PROMPT, 4), (LONG_PROMPT, 1000), ("def add(a, b):", 512)])
+def test_routing_follows_the_measured_costs(client, prompt, max_tokens):
     route = client.post("/v1/route", json=chat(prompt, max_tokens=max_tokens)).json()
-    assert route["backend"] == backend, route["predicted_s"]
+    costs = {b.name: b.capability.cost for b in AppConfig.from_serve_config().backends}
+    tokens = route["features"]["tokens"]
+    for name, predicted in route["predicted_s"].items():  # idle backends: no load factor
+        assert predicted == pytest.approx(costs[name].predict_s(tokens, max_tokens), rel=1e-4), name
+    assert route["backend"] == min(route["predicted_s"], key=route["predicted_s"].get), route["predicted_s"]
 
 
 def test_long_prompt_is_long_context_and_runs_where_routed(client):
