@@ -114,7 +114,8 @@ def test_emit_stops_generation(main):
 
 def test_sampling_near_zero_temperature_is_greedy(main):
     prompt = _prompt(3)
-    made, _ = _spec(main, prompt, speculative.PromptLookup(k=4), 30, speculative.sampler(1e-6, 1.0))  # logits 2e-4 apart at one step
+    # 1e-6: two logits are 2e-4 apart at one step, which a temperature of 1e-4 could still swap
+    made, _ = _spec(main, prompt, speculative.PromptLookup(k=4), 30, speculative.sampler(1e-6, 1.0))
     assert made == _plain(main, prompt, 30)
     made, _ = _spec(main, prompt, speculative.PromptLookup(k=4), 30, speculative.sampler(1.0, 1e-6))
     assert made == _plain(main, prompt, 30)
