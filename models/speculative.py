@@ -137,7 +137,7 @@ class _SSM:
         return logits[0]
 
     def rollback(self, refused: int) -> None:
-        self.state = self.states[len(self.states) - 1 - refused]
+        self.state = self.states[-1 - refused]
 
 
 def supports(model: torch.nn.Module) -> bool:

@@ -133,7 +133,8 @@ def chat_examples(tok: PreTrainedTokenizerBase, seq: int, seed: int = SEED) -> l
     return examples
 
 
-def repeated_spans(n: int, seq: int, vocab: int, rng: random.Random, first: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def repeated_spans(n: int, seq: int, vocab: int, rng: random.Random,
+                   first: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """`n` rows of synthetic repeats: random tokens (ids `first` and up, past the special tokens) in
     spans of 6 to 40, each followed by itself; labels on each repeat after its first token. Only
     copying predicts them, so they grow the induction heads (Olsson et al., 2022) that copying from a
