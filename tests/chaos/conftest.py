@@ -5,23 +5,21 @@ model backends placed by custom resources, for tests that kill replicas and remo
     worker a  mamba, transformer (1 of 2)                            mamba_host, lm_host
     worker b  router (2 of 2), transformer (2 of 2)                  router_host, lm_host
 
-Its own Ray, so it must not share a process with tests/serve's: `pytest tests` runs tests/chaos
-first (alphabetical order) and shuts it down before tests/serve starts another.
+The cluster is started when a test first asks for `chaos`, and again after tests/serve held the
+process's Ray (tests/support.py). Each test starts from the whole cluster: `chaos` adds back a node an
+earlier test removed and waits until every replica runs.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import yaml
 
-from deployments import serve_env
-from tests.serve.conftest import ROOT, free_port
-
-serve_env.apply()
+from tests.support import RAY, ROOT, free_port
 
 WORKER_A = {"num_cpus": 2, "resources": {"mamba_host": 1, "lm_host": 1}}
 WORKER_B = {"num_cpus": 2, "resources": {"router_host": 1, "lm_host": 1}}
@@ -45,18 +43,53 @@ def chaos_args() -> dict:
     return args
 
 
+REPLICAS = {"router": 2, "mamba": 1, "transformer": 2}
+
+
 @dataclass
 class Chaos:
-    url: str
-    cluster: object
-    nodes: dict
+    url: str = ""
+    cluster: object = None
+    nodes: dict = field(default_factory=dict)
+
+    def start(self):
+        import ray
+        from ray import serve
+        from ray.cluster_utils import Cluster
+
+        from deployments.app import build_app
+
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "resources": {"router_host": 1}, "include_dashboard": False})
+        self.nodes = {"a": self.cluster.add_node(**WORKER_A), "b": self.cluster.add_node(**WORKER_B)}
+        ray.init(address=self.cluster.address, logging_level="WARNING")
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        serve.run(build_app(chaos_args()), name="switchyard", route_prefix="/")
+        self.url = f"http://127.0.0.1:{port}"
+        return self.stop
+
+    def stop(self) -> None:  # no serve.shutdown(): its controller waits 30 s for replicas on removed nodes
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
+        self.url, self.cluster, self.nodes = "", None, {}
+
+    def restore(self) -> None:
+        """Adds back the worker nodes that are gone and waits until every replica runs."""
+        for name, options in (("a", WORKER_A), ("b", WORKER_B)):
+            if self.nodes[name] not in self.cluster.list_all_nodes():  # removed by an earlier test
+                self.nodes[name] = self.cluster.add_node(**options)
+        for deployment, count in REPLICAS.items():
+            self.wait_running(deployment, count)
 
     def replicas(self, deployment: str) -> dict[str, int]:
         from ray import serve
 
         return dict(serve.status().applications["switchyard"].deployments[deployment].replica_states)
 
-    def wait_running(self, deployment: str, count: int, timeout: float = 120) -> float:
+    def wait_running(self, deployment: str, count: int, timeout: float = 300) -> float:
         start = time.monotonic()
         while self.replicas(deployment).get("RUNNING", 0) < count:
             assert time.monotonic() - start < timeout, (deployment, self.replicas(deployment))
@@ -64,24 +97,13 @@ class Chaos:
         return time.monotonic() - start
 
 
-@pytest.fixture(scope="module")
-def chaos() -> Chaos:
-    import ray
-    from ray import serve
-    from ray.cluster_utils import Cluster
+@pytest.fixture(scope="session")
+def cluster() -> Chaos:
+    return Chaos()
 
-    from deployments.app import build_app
 
-    assert not ray.is_initialized(), "tests/chaos starts its own Ray: run it before tests/serve, or alone"
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "resources": {"router_host": 1}, "include_dashboard": False})
-    nodes = {"a": cluster.add_node(**WORKER_A), "b": cluster.add_node(**WORKER_B)}
-    ray.init(address=cluster.address, logging_level="WARNING")
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        serve.run(build_app(chaos_args()), name="switchyard", route_prefix="/")
-        yield Chaos(f"http://127.0.0.1:{port}", cluster, nodes)
-    finally:  # no serve.shutdown(): its controller waits 30 s for replicas on the removed nodes
-        ray.shutdown()
-        cluster.shutdown()
+@pytest.fixture
+def chaos(cluster: Chaos) -> Chaos:
+    RAY.claim("chaos", cluster.start)
+    cluster.restore()
+    return cluster

@@ -1,33 +1,27 @@
-"""One real Ray Serve instance per test session, with the app on the embedded tiny models.
+"""One real Ray Serve instance, with the app on the embedded tiny models, started when a test first
+asks for `server` and again after tests/chaos held the process's Ray (tests/support.py).
 
-Three applications: `switchyard` at / (serve_config.yaml's args); `fallback` at /fallback, the same
-app whose mamba backend fails every call (routed by score, so long prompts go to mamba first), with
-only the language models, a durable routing log (`routing_log_path`) and an audit log; `secure`
-at /secure, with auth on and only trm and dinov2 (and a backend that hangs); and `fuzz` at /fuzz,
-the default app with answers capped at 8 tokens, for tests/serve/test_fuzz.py.
+Five applications: `switchyard` at / (serve_config.yaml's args); `fallback` at /fallback, the same
+app whose mamba backend fails every call (routed by score, so long prompts go to mamba first) and
+whose circuits never open, so every request there tries mamba first, with only the language models,
+a durable routing log (`routing_log_path`) and an audit log; `stubs` at /stubs, backends that load no
+model (one fails every call, one echoes, one streams until cancelled) whose opened circuits stay open;
+`secure` at /secure, with auth on
+and only trm and dinov2 (and a backend that hangs); and `fuzz` at /fuzz, the default app with answers
+capped at 8 tokens, for tests/serve/test_fuzz.py.
 """
 
 from __future__ import annotations
 
 import copy
-import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from deployments import serve_env
-
-serve_env.apply()  # before anything imports ray.serve, as `make serve` runs it
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import RAY, ROOT, free_port
 
 
 def app_args() -> dict:
@@ -59,9 +53,6 @@ def _secure_env() -> None:
     os.environ["SWITCHYARD_TEST_JWT_SECRET"] = JWT_SECRET
 
 
-_secure_env()  # before Ray starts: its workers inherit the environment
-
-
 @pytest.fixture(scope="session")
 def routing_log_path(tmp_path_factory) -> Path:
     """The `fallback` app's durable routing log."""
@@ -74,22 +65,29 @@ def audit_log_path(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("audit") / "audit.jsonl"
 
 
-@pytest.fixture(scope="session")
-def server(routing_log_path: Path, audit_log_path: Path) -> str:
-    import ray
-    from ray import serve
-
-    from deployments.app import build_app
-
+def apps(routing_log_path: Path, audit_log_path: Path) -> dict[str, dict]:
+    """Each application's args, by name; the name is its route prefix but for `switchyard` at /."""
     args = app_args()
     broken = copy.deepcopy(args)
     broken["backends"] = [b for b in broken["backends"] if b["kind"] == "lm"]
     broken["routing"]["strategy"] = "score"  # mamba first for long prompts, whatever the measured costs
     broken["router"]["routing_log_path"] = str(routing_log_path)
-    broken["router"] |= {"audit_log_path": str(audit_log_path), "audit_include_prompt": True, "audit_flush_s": 0.2}
+    broken["router"] |= {"audit_log_path": str(audit_log_path), "audit_include_prompt": True, "audit_flush_s": 0.2,
+                         "unhealthy_after": 1_000_000, "breaker_failure_rate": None}  # mamba tried every time
     for b in broken["backends"]:
         if b["name"] == "mamba":
             b["engine"] = "tests.serve.engines:FailingEngine"
+    stubs = copy.deepcopy(args)  # backends that load no model; an opened circuit stays open
+    stubs["routing"].pop("intent")
+    stubs["router"] |= {"unhealthy_after": 3, "unhealthy_cooldown_s": 3600}
+    text = {"modalities": ["text"], "max_context": 1024}
+    stubs["backends"] = [
+        {"name": "broken", "kind": "lm", "engine": "tests.serve.engines:BrokenEngine", "model": "unused",
+         "capability": text | {"tasks": {"text_generation": 1.0}}, "deployment": {"ray_actor_options": {"num_cpus": 0}}},
+        {"name": "echo", "kind": "lm", "engine": "tests.serve.engines:EchoEngine", "model": "unused",
+         "capability": text | {"tasks": {"text_generation": 0.5}}, "deployment": {"ray_actor_options": {"num_cpus": 0}}},
+        {"name": "trickle", "kind": "lm", "engine": "tests.serve.engines:TrickleEngine", "model": "unused",
+         "capability": text | {"tasks": {"streaming": 1.0}}, "deployment": {"ray_actor_options": {"num_cpus": 0}}}]
     secure = copy.deepcopy(args)  # auth on, with the cheap backends only
     secure["backends"] = [b for b in secure["backends"] if b["kind"] != "lm"]
     secure["routing"].pop("intent")
@@ -101,24 +99,57 @@ def server(routing_log_path: Path, audit_log_path: Path) -> str:
     secure["router"] |= {"max_body_bytes": 65536, "request_timeout_s": 3}
     secure["backends"].append({
         "name": "hang", "kind": "lm", "engine": "tests.serve.engines:HangingEngine", "model": "unused",
-        "capability": {"modalities": ["text"], "max_context": 1024, "tasks": {"text_generation": 1.0}},
-        "deployment": {"ray_actor_options": {"num_cpus": 0}}})
+        "capability": text | {"tasks": {"text_generation": 1.0}}, "deployment": {"ray_actor_options": {"num_cpus": 0}}})
     secure["auth"] = SECURE_AUTH
     fuzz = copy.deepcopy(args)  # for schemathesis: every model, answers capped at 8 tokens
     fuzz["router"] |= {"max_tokens": 8, "default_max_tokens": 8}
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name="switchyard", route_prefix="/")
-    serve.run(build_app(broken), name="fallback", route_prefix="/fallback")
-    serve.run(build_app(secure), name="secure", route_prefix="/secure")
-    serve.run(build_app(fuzz), name="fuzz", route_prefix="/fuzz")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    return {"switchyard": args, "fallback": broken, "stubs": stubs, "secure": secure, "fuzz": fuzz}
+
+
+@dataclass
+class Serve:
+    """The applications on a local Ray; `url` is set while they run."""
+
+    apps: dict[str, dict]
+    url: str = ""
+
+    def start(self):
+        import ray
+        from ray import serve
+
+        from deployments.app import build_app
+
+        _secure_env()  # before Ray starts: its workers inherit the environment
+        ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for name, args in self.apps.items():
+            serve.run(build_app(args), name=name, route_prefix="/" if name == "switchyard" else f"/{name}")
+        self.url = f"http://127.0.0.1:{port}"
+        return self.stop
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        self.url = ""
 
 
 @pytest.fixture(scope="session")
+def serve_apps(routing_log_path: Path, audit_log_path: Path) -> Serve:
+    return Serve(apps(routing_log_path, audit_log_path))
+
+
+@pytest.fixture
+def server(serve_apps: Serve) -> str:
+    """The base URL of the running applications (started here if another Ray held the process)."""
+    RAY.claim("serve", serve_apps.start)
+    return serve_apps.url
+
+
+@pytest.fixture
 def client(server: str):
     with httpx.Client(base_url=server, timeout=120) as c:
         yield c

@@ -22,7 +22,8 @@ def test_lines_wait_for_the_batch_then_land_together(tmp_path: Path):
         for i in range(3):
             w.write({"i": i})
         before = lines(path)
-        await asyncio.sleep(0.4)
+        while w.scheduled:  # the flush the first line scheduled on this loop (no bound on how soon)
+            await asyncio.sleep(0.05)
         return before, lines(path)
 
     before, after = asyncio.run(run())

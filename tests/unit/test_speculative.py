@@ -138,3 +138,15 @@ def test_sampling_draws_from_the_whole_distribution():
 ])
 def test_prompt_lookup_proposals(tokens, expect):
     assert speculative.PromptLookup(k=3).propose(tokens) == expect
+
+
+def test_only_the_model_types_the_loop_was_tested_for_speculate(main):
+    """Decided from the config's public model_type, so a transformers release that moves a class's
+    internals cannot make the loop accept a model it would decode wrongly."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    assert speculative.supports(main)
+    other = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)).eval()
+    assert not speculative.supports(other)
+    with pytest.raises(ValueError, match="not available for gpt2"):
+        speculative.generate(other, [2, 3], speculative.PromptLookup(4), speculative.greedy, lambda _: False, 4)

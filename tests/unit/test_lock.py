@@ -1,0 +1,28 @@
+"""The environment the tests run in is the lock's (lock/README.md): `make setup` installed exactly
+lock/requirements.txt, so what passes here is what a fresh clone gets."""
+
+import re
+from importlib import metadata
+
+from tests.support import ROOT
+
+
+def pins(path) -> dict[str, str]:
+    return {name.lower(): version for name, version in re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", path.read_text(), re.M)}
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_locked_package_is_installed_at_its_locked_version():
+    locked = {canonical(n): v for n, v in pins(ROOT / "lock" / "requirements.txt").items()}
+    installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    wrong = {n: (v, installed.get(n)) for n, v in locked.items() if installed.get(n) != v}
+    assert not wrong, f"(locked, installed): {wrong}; `make setup` after `rm -rf .venv` installs the lock"
+
+
+def test_both_locks_take_the_same_torch_and_ray():
+    main, vllm = pins(ROOT / "lock" / "requirements.txt"), pins(ROOT / "lock" / "requirements-vllm.txt")
+    assert main["torch"] == vllm["torch"] == "2.13.0+cpu"
+    assert main["ray"] == vllm["ray"]  # one Ray for both environments of the app
