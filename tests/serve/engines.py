@@ -6,8 +6,8 @@ from models.engine import Completion, Delta, Engine, GenerationRequest
 from models.hf_engine import HFEngine
 
 
-class FailingEngine(HFEngine):
-    """Loads the real model, then fails every call: a backend that is up but broken."""
+class _Fails:
+    """Fails every call."""
 
     async def generate(self, request: GenerationRequest) -> Completion:
         raise RuntimeError("injected failure")
@@ -15,6 +15,10 @@ class FailingEngine(HFEngine):
     async def stream(self, request: GenerationRequest):
         raise RuntimeError("injected failure")
         yield  # an async generator that fails on its first step
+
+
+class FailingEngine(_Fails, HFEngine):
+    """Loads the real model, then fails every call: a backend that is up but broken."""
 
 
 class _NoModel(Engine):
@@ -35,17 +39,10 @@ class _NoModel(Engine):
         return {"engine": self.name, "architecture": "none", "kernel": "none", "device": "cpu"}
 
 
-class BrokenEngine(_NoModel):
+class BrokenEngine(_Fails, _NoModel):
     """Fails every call, loading nothing."""
 
     name = "broken"
-
-    async def generate(self, request: GenerationRequest) -> Completion:
-        raise RuntimeError("injected failure")
-
-    async def stream(self, request: GenerationRequest):
-        raise RuntimeError("injected failure")
-        yield  # an async generator that fails on its first step
 
 
 class EchoEngine(_NoModel):
