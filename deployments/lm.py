@@ -15,7 +15,7 @@ from starlette.requests import Request
 from deployments.config import LMBackend
 from deployments.protocol import Failure, as_value, stream_values
 from models.engine import Completion, Delta, Engine, GenerationRequest
-from training.defaults import resolve_model
+from models.checkpoints import resolve_model
 
 logger = logging.getLogger(__name__)
 

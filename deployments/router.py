@@ -51,7 +51,7 @@ from routing.config import TASKS
 from routing.features import Features, split_model, text_features
 from routing.policy import BackendState, Decision, Policy, RoutingError, choose_adapter
 from training.corpus import FIX_PROMPT
-from training.defaults import resolve_model
+from models.checkpoints import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -896,7 +896,7 @@ class Router:
         f = await self._features("route", body, _caller(request))
         d = self._decide(f)
         return {"backend": d.backend, "fallbacks": list(d.fallbacks), "scores": d.scores, "excluded": d.excluded,
-                "predicted_s": d.predicted_s, "degraded": d.degraded,
+                "predicted_s": d.predicted_s, "quality_bits_per_byte": d.quality, "degraded": d.degraded,
                 "reason": d.reason, "task": d.task, "task_source": d.task_source,
                 "intent": {"task": f.intent[0], "confidence": f.intent[1]} if f.intent else None,
                 "features": {"tokens": f.tokens, "pages": f.pages, "modality": f.modality,

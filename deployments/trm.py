@@ -18,7 +18,7 @@ from deployments.protocol import Failure, as_value
 from models import code_grid, sudoku
 from models.engine import InvalidRequest, Unsupported
 from models.trm import TRM
-from training.defaults import resolve_model
+from models.checkpoints import resolve_model
 
 Job = tuple[torch.Tensor, int, float]  # input tokens, max_steps, halt_threshold
 

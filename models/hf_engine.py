@@ -176,7 +176,7 @@ class HFEngine(Engine):
         self._batcher = asyncio.create_task(self._batch_loop())
 
     def _load(self) -> None:
-        from training.defaults import resolve_model  # the draft may be an embedded model too
+        from models.checkpoints import resolve_model  # the draft may be an embedded model too
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref)
         model = AutoModelForCausalLM.from_pretrained(self.model_ref, dtype=_DTYPES[self.dtype])

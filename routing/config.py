@@ -32,6 +32,20 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Quality(Strict):
+    """A backend's measured quality per task (`python -m bench.quality --write`)."""
+
+    bits_per_byte: dict[Task, float] = Field(
+        description="Bits per UTF-8 byte of held-out reference answers for each task, under the backend's own "
+        "tokenizer and chat template: lower is better, and comparable across tokenizers."
+    )
+    score: dict[Task, float] = Field(
+        default_factory=dict, description="A task score in [0, 1] where the task has one (exact match on short "
+        "factual questions for text_generation); shown, not used to rank."
+    )
+    measured: str = Field("", description="Where and how it was measured (bench command, date).")
+
+
 class Capability(Strict):
     """What one backend can do, as the router sees it."""
 
@@ -45,6 +59,10 @@ class Capability(Strict):
     cost: CostModel | None = Field(
         None, description="Measured latency curves (bench.long_context --write); text backends with one are "
         "ranked by predicted latency under strategy 'cost'."
+    )
+    quality: Quality | None = Field(
+        None, description="Measured quality per task (bench.quality --write); under strategy 'cost', a backend "
+        "ranks by latency only while its quality is within routing.quality_margin of the best."
     )
 
     @field_validator("tasks")
@@ -108,6 +126,11 @@ class RoutingConfig(Strict):
         "(backends without a cost model follow, by score); score: the weighted score alone.",
     )
     weights: Weights = Field(default_factory=Weights, description="Score weights.")
+    quality_margin: float | None = Field(
+        0.25, ge=0, description="Under strategy 'cost', in bits per byte: the backends whose measured quality for "
+        "the task is within this of the best measured one are ranked by predicted latency, the rest after them, "
+        "best quality first. 0: always the best; null: quality is ignored, always the cheapest."
+    )
     default_task: Task = Field("text_generation", description="Task when neither request nor rule names one.")
     rules: list[Rule] = Field(default_factory=list, description="Task rules, tried in order; first match wins.")
     intent: IntentSettings | None = Field(

@@ -2,7 +2,9 @@
 
 The ranking (RoutingConfig.strategy): "cost" puts the candidates with a measured cost model first,
 by predicted latency for this prompt length and max_tokens, scaled by their load (routing.cost),
-and the others after them by score; "score" ranks by the weighted score alone.
+and the others after them by score; with measured quality for the task (Capability.quality), only
+the candidates within `quality_margin` bits per byte of the best rank by latency, and the others
+follow, best quality first. "score" ranks by the weighted score alone.
 
 Plain functions over plain data (no Ray, torch or FastAPI), so a decision costs microseconds
 and every case is a table row in tests/unit/test_policy.py.
@@ -57,6 +59,7 @@ class Decision:
     scores: dict[str, float]  # every backend's score, filtered ones included
     excluded: dict[str, str] = field(default_factory=dict)  # backend -> why it is not a candidate
     predicted_s: dict[str, float] = field(default_factory=dict)  # load-adjusted latency, backends with a cost model
+    quality: dict[str, float] = field(default_factory=dict)  # bits per byte for the task, backends measured on it
     # Last-resort fallbacks whose context is too short for the request: they get the prompt's head
     # and tail (GenerationRequest.truncate) and the answer is marked degraded with this reason.
     degraded: dict[str, str] = field(default_factory=dict)
@@ -201,9 +204,17 @@ class Policy:
             if (reason := self._exclusion(n, task, f, states.get(n))) is not None:
                 excluded[n] = reason
         predicted = self.predict(f, states)
+        quality = {n: cap.quality.bits_per_byte[task] for n, cap in self.backends.items()
+                   if cap.quality is not None and task in cap.quality.bits_per_byte}
         by_cost = self.config.strategy == "cost"
+        margin = self.config.quality_margin
+        measured = {n: quality[n] for n in names if n in quality and n not in excluded}
+        best_quality = min(measured.values()) if by_cost and margin is not None and measured else None
+        close = None if best_quality is None else {n for n, q in measured.items() if q <= best_quality + margin}
 
         def rank(n: str) -> tuple:
+            if close is not None and n not in close:  # beyond the margin, or not measured on this task
+                return (2, quality.get(n, float("inf")), predicted.get(n, float("inf")), -scores[n])
             if by_cost and n in predicted:
                 return (0, predicted[n])
             return (1, -scores[n])
@@ -226,13 +237,16 @@ class Policy:
             how = "pinned by model"
         elif best in degraded:
             how = f"degraded, every backend with the context for it is unavailable ({degraded[best]})"
+        elif by_cost and best in predicted and close is not None and best in close:
+            how = (f"lowest predicted latency {predicted[best]:.3f} s within {margin:g} bits/byte of the best "
+                   f"quality for {task} ({best_quality:.3f})")
         elif by_cost and best in predicted:
             how = f"lowest predicted latency {predicted[best]:.3f} s"
         else:
             how = f"best score {scores[best]:.3f}"
         reason = f"task {task} ({source}: {why}); {best}: {how}"
-        return Decision(best, tuple(candidates[1:]), task, source, reason, scores, excluded, predicted, degraded,
-                        intent=f.intent)
+        return Decision(best, tuple(candidates[1:]), task, source, reason, scores, excluded, predicted, quality,
+                        degraded, intent=f.intent)
 
     def predict(self, f: Features, states: Mapping[str, BackendState]) -> dict[str, float]:
         """Predicted seconds for the request on every backend with a cost model, scaled by its load."""

@@ -40,3 +40,23 @@ class RaySlot:
 
 
 RAY = RaySlot()
+
+
+def shipped_args() -> dict:
+    """serve_config.yaml's application args, as a user runs them."""
+    import yaml
+
+    return yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
+
+
+def tiny_args() -> dict:
+    """The shipped args with the transformer on the embedded tiny Llama (1.25M parameters), its draft and
+    its pydoc adapter, and the router counting with its tokenizer: the serve and chaos tests stay fast.
+    tests/serve/test_default.py runs the shipped default itself."""
+    args = shipped_args()
+    args["router"]["tokenizer"] = "embedded:tiny-llama"
+    lm = next(b for b in args["backends"] if b["name"] == "transformer")
+    lm["model"] = "embedded:tiny-llama"
+    lm["adapters"] = {"pydoc": "embedded:tiny-llama-pydoc-lora"}
+    lm["engine_kwargs"] |= {"draft_model": "embedded:tiny-llama-draft", "draft_tokens": 4}
+    return args

@@ -31,7 +31,7 @@ from transformers import Dinov2Model
 from models.classifier import FORMATS, HeadConfig, ImageClassifier
 from training import linear_probe
 from training.classifier_default import POOLING
-from training.defaults import resolve_model
+from models.checkpoints import resolve_model
 
 logger = logging.getLogger(__name__)
 SUFFIXES = {".png", ".jpg", ".jpeg"}

@@ -3,9 +3,9 @@
 The transformer, its draft, the Mamba, their adapters, the TRMs, the DINOv2 classifier and the
 intent classifier are trained (training/lm.py, training/lora.py, training/trm.py,
 training/classifier_default.py, training/intent.py) and committed under models/embedded, each with
-a training.json saying how. A config names one as `embedded:NAME`; `resolve_model` returns its
-directory, which the ordinary `from_pretrained` loaders read, the same loaders that read real
-checkpoints.
+a training.json saying how. A config names one as `embedded:NAME`; models.checkpoints.resolve_model
+returns its directory, which the ordinary `from_pretrained` loaders read, the same loaders that read
+real checkpoints.
 
     python -m training.defaults            # list them, with the command that made each
 """
@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# Trained defaults (training/lm.py, training/lora.py) are committed here, with their training.json.
-TRAINED_DIR = Path(__file__).resolve().parents[1] / "models" / "embedded"
+from models.checkpoints import EMBEDDED_DIR, embedded_models
+
 SEED = 0
 EMBEDDED = "embedded:"
 SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -54,23 +54,7 @@ def build_tokenizer(out: Path, vocab_size: int = 4096, files: int = 200) -> None
     ).save_pretrained(out)
 
 
-def trained() -> list[str]:
-    """The embedded models trained by training/ code and committed under models/embedded."""
-    return sorted(p.parent.name for p in TRAINED_DIR.glob("*/training.json"))
-
-
-def ensure(name: str) -> Path:
-    """The embedded model's committed directory."""
-    if (TRAINED_DIR / name / "training.json").exists():
-        return TRAINED_DIR / name
-    raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(trained())}")
-
-
-def resolve_model(ref: str) -> str:
-    """`embedded:NAME` -> its local directory; a local path or hub id passes through unchanged."""
-    return str(ensure(ref.removeprefix(EMBEDDED))) if ref.startswith(EMBEDDED) else ref
-
-
 if __name__ == "__main__":
-    for model_name in trained():
-        print(f"embedded:{model_name}  {TRAINED_DIR / model_name}  {json.loads((TRAINED_DIR / model_name / 'training.json').read_text()).get('command', '')}")
+    for model_name in embedded_models():
+        path = EMBEDDED_DIR / model_name
+        print(f"embedded:{model_name}  {path}  {json.loads((path / 'training.json').read_text()).get('command', '')}")

@@ -40,7 +40,8 @@ from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, MambaCon
 
 from models import mamba
 from training import corpus
-from training.defaults import SEED, TRAINED_DIR, build_tokenizer
+from models.checkpoints import EMBEDDED_DIR
+from training.defaults import SEED, build_tokenizer
 from training.metrics import TrainingMetrics
 from training.metrics import add_argument as add_metrics_argument
 
@@ -298,7 +299,7 @@ def train(name: str, preset: Preset, out: Path, steps: int | None = None, eval_n
 
     teacher = None
     if preset.teacher is not None:
-        teacher = LlamaForCausalLM.from_pretrained(TRAINED_DIR / preset.teacher).eval()
+        teacher = LlamaForCausalLM.from_pretrained(EMBEDDED_DIR / preset.teacher).eval()
         if teacher.config.vocab_size != len(tok):
             raise ValueError(f"teacher {preset.teacher} has another vocabulary")
     model_class = MambaForCausalLM if preset.arch == "mamba" else LlamaForCausalLM
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     preset = PRESETS[args.model]
     planned = (args.steps or preset.steps) + preset.copy_steps
     with TrainingMetrics(f"lm:{args.model}", planned, args.metrics_port) as metrics:
-        train(args.model, preset, args.out or TRAINED_DIR / args.model, args.steps, command=command, metrics=metrics)
+        train(args.model, preset, args.out or EMBEDDED_DIR / args.model, args.steps, command=command, metrics=metrics)
 
 
 if __name__ == "__main__":

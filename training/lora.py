@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from training.defaults import resolve_model
+from models.checkpoints import resolve_model
 from training.lm import lm_loss
 from training.metrics import TrainingMetrics
 from training.metrics import add_argument as add_metrics_argument

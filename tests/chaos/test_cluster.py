@@ -31,7 +31,7 @@ class Record:
 class Load:
     """`clients` threads, each sending `body` again as soon as its last answer came, until stopped."""
 
-    def __init__(self, url: str, body: dict, clients: int, timeout: float = 30):
+    def __init__(self, url: str, body: dict, clients: int, timeout: float = 90):  # past the router's deadline
         self.url, self.body, self.timeout = url, body, timeout
         self.records: list[Record] = []
         self.stop = threading.Event()
@@ -114,7 +114,7 @@ def test_the_node_holding_mamba_removed_then_added_back(chaos):
     chaos.nodes["a"] = chaos.cluster.add_node(num_cpus=2, resources={"mamba_host": 1, "lm_host": 1})
     print("mamba running again after", round(chaos.wait_running("mamba", 1), 1), "s")
     start = time.monotonic()
-    with httpx.Client(base_url=chaos.url, timeout=30) as c:
+    with httpx.Client(base_url=chaos.url, timeout=90) as c:
         while (r := c.post("/v1/completions", json=LONG)).json()["switchyard"]["backend"] != "mamba":
             assert r.status_code == 200 and time.monotonic() - start < 300, r.text[:300]
             time.sleep(0.5)

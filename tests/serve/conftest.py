@@ -1,4 +1,4 @@
-"""One real Ray Serve instance, with the app on the embedded tiny models, started when a test first
+"""One real Ray Serve instance, with the app on the embedded tiny models (tests/support.tiny_args), started when a test first
 asks for `server` and again after tests/chaos held the process's Ray (tests/support.py).
 
 Five applications: `switchyard` at / (serve_config.yaml's args); `fallback` at /fallback, the same
@@ -19,17 +19,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from tests.support import RAY, ROOT, free_port
-
-
-def app_args() -> dict:
-    return yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
+from tests.support import RAY, free_port, tiny_args
 
 
 # The `secure` app's callers: keys (their sha256 in the config, as a Secret would hold them) and a
 # JWT secret, passed to the replicas through the environment as KubeRay would.
+# The `secure` app's request deadline: the hanging backend's 504 comes after it, and a burst's admitted
+# requests must finish within it on a machine shared with other work.
+SECURE_DEADLINE_S = 10
+
 KEYS = {"sk-refiner": ["refiner"], "sk-admin": ["admin"], "sk-slow": ["slow"]}
 JWT_SECRET = "serve-test-secret-of-32-bytes-or-more"
 SECURE_AUTH = {
@@ -67,7 +66,7 @@ def audit_log_path(tmp_path_factory) -> Path:
 
 def apps(routing_log_path: Path, audit_log_path: Path) -> dict[str, dict]:
     """Each application's args, by name; the name is its route prefix but for `switchyard` at /."""
-    args = app_args()
+    args = tiny_args()
     broken = copy.deepcopy(args)
     broken["backends"] = [b for b in broken["backends"] if b["kind"] == "lm"]
     broken["routing"]["strategy"] = "score"  # mamba first for long prompts, whatever the measured costs
@@ -96,7 +95,7 @@ def apps(routing_log_path: Path, audit_log_path: Path) -> dict[str, dict]:
         if b["kind"] == "trm":  # a small queue, for the overload test
             b["max_batch_size"] = 4
             b["deployment"] |= {"max_ongoing_requests": 4, "max_queued_requests": 4}
-    secure["router"] |= {"max_body_bytes": 65536, "request_timeout_s": 3}
+    secure["router"] |= {"max_body_bytes": 65536, "request_timeout_s": SECURE_DEADLINE_S}
     secure["backends"].append({
         "name": "hang", "kind": "lm", "engine": "tests.serve.engines:HangingEngine", "model": "unused",
         "capability": text | {"tasks": {"text_generation": 1.0}}, "deployment": {"ray_actor_options": {"num_cpus": 0}}})

@@ -158,35 +158,46 @@ def test_lm_replicas_export_their_kernel_path_as_a_metric(client):
     assert transformer and 'kernel="none"' in transformer[0] and transformer[0].endswith(" 1.0"), lines
 
 
-def test_short_chat_goes_to_the_backend_predicted_fastest(client):
+def chosen(route: dict) -> str:
+    """The backend the rule picks: the lowest predicted latency among those within the config's quality margin
+    of the best measured quality for the task."""
+    quality, predicted = route["quality_bits_per_byte"], route["predicted_s"]
+    margin = AppConfig.from_serve_config().routing.quality_margin
+    close = [n for n in predicted if n in quality and quality[n] <= min(quality.values()) + margin]
+    return min(close, key=predicted.get)
+
+
+def test_short_chat_goes_to_the_fastest_backend_of_good_enough_quality(client):
     route = client.post("/v1/route", json=chat("hello, how are you?")).json()
-    assert set(route["predicted_s"]) == {"mamba", "transformer"}
-    fastest = min(route["predicted_s"], key=route["predicted_s"].get)
-    assert route["backend"] == fastest and "lowest predicted latency" in route["reason"]
+    assert set(route["predicted_s"]) == set(route["quality_bits_per_byte"]) == {"mamba", "transformer"}
+    expected = chosen(route)
+    assert route["backend"] == expected and "lowest predicted latency" in route["reason"]
     r = client.post("/v1/chat/completions", json=chat("hello, how are you?"))
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["object"] == "chat.completion" and body["model"] == fastest
+    assert body["object"] == "chat.completion" and body["model"] == expected
     assert body["choices"][0]["message"]["role"] == "assistant"
     assert body["choices"][0]["finish_reason"] in ("stop", "length")
     assert 0 < body["usage"]["completion_tokens"] <= 8
-    assert r.headers["x-switchyard-backend"] == fastest and "x-switchyard-fallback" not in r.headers
-    assert body["switchyard"]["backend"] == fastest and body["switchyard"]["fallback"] is False
+    assert r.headers["x-switchyard-backend"] == expected and "x-switchyard-fallback" not in r.headers
+    assert body["switchyard"]["backend"] == expected and body["switchyard"]["fallback"] is False
     assert "text_generation" in r.headers["x-switchyard-reason"]
 
 
 # The router predicts each backend's latency from the cost models measured into serve_config.yaml
-# (bench.long_context --write) and picks the lowest. Which backend that is depends on the machine the
-# costs were measured on (on this 2-core machine the transformer is predicted faster at these points), so the
-# test checks the predictions against the config's cost models and the choice against the predictions.
+# (bench.long_context --write) and picks the lowest among the backends whose quality for the task, measured
+# into it too (bench.quality --write), is within routing.quality_margin of the best. The test checks the
+# predictions against the config's cost models and the choice against that rule.
 @pytest.mark.parametrize("prompt,max_tokens", [(LONG_PROMPT, 4), (LONG_PROMPT, 1000), ("def add(a, b):", 512)])
-def test_routing_follows_the_measured_costs(client, prompt, max_tokens):
+def test_routing_follows_the_measured_costs_and_quality(client, prompt, max_tokens):
     route = client.post("/v1/route", json=chat(prompt, max_tokens=max_tokens)).json()
-    costs = {b.name: b.capability.cost for b in AppConfig.from_serve_config().backends}
+    backends = {b.name: b.capability for b in AppConfig.from_serve_config().backends}
     tokens = route["features"]["tokens"]
     for name, predicted in route["predicted_s"].items():  # idle backends: no load factor
-        assert predicted == pytest.approx(costs[name].predict_s(tokens, max_tokens), rel=1e-4), name
-    assert route["backend"] == min(route["predicted_s"], key=route["predicted_s"].get), route["predicted_s"]
+        assert predicted == pytest.approx(backends[name].cost.predict_s(tokens, max_tokens), rel=1e-4), name
+    for name, bpb in route["quality_bits_per_byte"].items():
+        assert bpb == backends[name].quality.bits_per_byte[route["task"]]
+    assert route["backend"] == chosen(route), route
 
 
 def test_long_prompt_is_long_context_and_runs_where_routed(client):
@@ -304,7 +315,7 @@ def test_route_explains_without_running(client):
     assert body["backend"] == "transformer" and "trm" in body["excluded"]  # mamba does not serve code_repair
     assert "mamba" in body["excluded"] and set(body["predicted_s"]) == {"mamba", "transformer"}
     completion = client.post("/v1/route", json={"prompt": "a short prompt"}).json()
-    assert completion["backend"] == min(completion["predicted_s"], key=completion["predicted_s"].get)
+    assert completion["backend"] == chosen(completion) and "bits/byte of the best quality" in completion["reason"]
 
 
 def test_concurrent_refines_share_batches_with_their_own_limits(client):

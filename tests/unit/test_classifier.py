@@ -209,9 +209,9 @@ def test_a_pooling_the_head_was_not_fitted_on_fails_at_start(built: tuple[Path, 
 
 def test_committed_default_is_pretrained_and_its_held_out_accuracy_is_reproduced():
     from training import linear_probe
-    from training.defaults import TRAINED_DIR, resolve_model
+    from models.checkpoints import EMBEDDED_DIR, resolve_model
 
-    path = TRAINED_DIR / "tiny-dinov2"
+    path = EMBEDDED_DIR / "tiny-dinov2"
     report = json.loads((path / "training.json").read_text())
     assert resolve_model("embedded:tiny-dinov2") == str(path)
     assert report["pretrain_steps"] > 0 and report["accuracy"] >= 0.9 and report["command"]

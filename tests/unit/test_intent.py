@@ -132,9 +132,9 @@ def test_report_table_and_figures():
 
 
 def test_the_committed_default_reproduces_its_held_out_accuracy():
-    from training.defaults import TRAINED_DIR, resolve_model
+    from models.checkpoints import EMBEDDED_DIR, resolve_model
 
-    path = TRAINED_DIR / "intent"
+    path = EMBEDDED_DIR / "intent"
     report = json.loads((path / "training.json").read_text())
     assert resolve_model("embedded:intent") == str(path) and report["accuracy"] >= 0.9
     model = IntentClassifier.load(path)

@@ -297,10 +297,11 @@ def test_the_cpu_service_mounts_the_keys_but_its_config_leaves_auth_off():
 
 def test_hub_checkpoints_get_a_token_from_a_secret(manifest):
     """A config that loads from the model hub (Llama 3.1 is gated) gets HF_TOKEN in every container,
-    which huggingface_hub and vLLM read; the embedded CPU default loads nothing from the hub."""
+    which huggingface_hub and vLLM read; the CPU default loads nothing from the hub (its models are
+    embedded or inside installed packages)."""
     args = _apps(manifest)[0]["args"]
     refs = [args["router"]["tokenizer"]] + [b["model"] for b in args["backends"]]
-    hub = [r for r in refs if not r.startswith(("embedded:", "/", "."))]
+    hub = [r for r in refs if not r.startswith(("embedded:", "package:", "/", "."))]
     for group in _groups(manifest):
         env = _env(group["template"]["spec"]["containers"][0])
         if hub:

@@ -16,7 +16,7 @@ def canonical(name: str) -> str:
 
 
 def test_every_locked_package_is_installed_at_its_locked_version():
-    locked = {canonical(n): v for n, v in pins(ROOT / "lock" / "requirements.txt").items()}
+    locked = {canonical(n): v for f in ("requirements.txt", "weights.txt") for n, v in pins(ROOT / "lock" / f).items()}
     installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
     wrong = {n: (v, installed.get(n)) for n, v in locked.items() if installed.get(n) != v}
     assert not wrong, f"(locked, installed): {wrong}; `make setup` after `rm -rf .venv` installs the lock"

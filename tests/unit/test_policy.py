@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from deployments.config import AppConfig
-from routing.config import Capability, RoutingConfig, Rule
+from routing.config import Capability, Quality, RoutingConfig, Rule
 from routing.cost import CostModel
 from routing.features import Document, Features, count_pages, split_model, text_features
 from routing.policy import BackendState, Policy, RoutingError, choose_adapter
@@ -274,8 +274,8 @@ GROWING = CostModel(prefill_s=[0.02, 1e-4, 2e-8], decode_ms=[4.0, 2e-3])  # a tr
 @pytest.fixture(scope="module")
 def by_cost(cfg: AppConfig) -> Policy:
     caps = {b.name: b.capability for b in cfg.backends}
-    caps["mamba"] = caps["mamba"].model_copy(update={"cost": FLAT})
-    caps["transformer"] = caps["transformer"].model_copy(update={"cost": GROWING})
+    caps["mamba"] = caps["mamba"].model_copy(update={"cost": FLAT, "quality": None})  # cost alone
+    caps["transformer"] = caps["transformer"].model_copy(update={"cost": GROWING, "quality": None})
     return Policy(caps, cfg.routing.model_copy(update={"strategy": "cost"}))
 
 
@@ -312,10 +312,52 @@ def test_cost_strategy_still_filters_by_task_and_modality(by_cost):
     assert by_cost.decide(feat(tokens=100, task="code_analysis")).predicted_s  # both LMs serve it
 
 
-def test_shipped_config_has_measured_cost_models(cfg):
+# --- quality against cost ---------------------------------------------------------------
+
+def with_quality(cfg: AppConfig, margin: float | None, mamba: dict, transformer: dict) -> Policy:
+    """Mamba the cheaper for long decodes (FLAT), with the given bits per byte per task."""
+    caps = {b.name: b.capability for b in cfg.backends}
+    for name, cost, bpb in (("mamba", FLAT, mamba), ("transformer", GROWING, transformer)):
+        caps[name] = caps[name].model_copy(update={"cost": cost, "quality": Quality(bits_per_byte=bpb) if bpb else None})
+    return Policy(caps, cfg.routing.model_copy(update={"strategy": "cost", "quality_margin": margin}))
+
+
+LONG_DECODE = {"tokens": 3000, "max_new": 500}  # mamba predicted faster (test_cost_strategy_picks...)
+
+
+@pytest.mark.parametrize("margin,mamba_bpb,backend,fallbacks", [
+    (0.0, 1.2, "transformer", ("mamba",)),  # always the best quality
+    (0.0, 1.0, "mamba", ("transformer",)),  # a tie: both are the best, the faster first
+    (0.1, 1.2, "transformer", ("mamba",)),  # 0.2 worse, beyond 0.1: the better one, though slower
+    (0.25, 1.2, "mamba", ("transformer",)),  # within the margin: the faster
+    (None, 3.0, "mamba", ("transformer",)),  # quality ignored: always the cheapest
+    (10.0, 3.0, "mamba", ("transformer",)),  # a margin wide enough is the same
+])
+def test_the_fastest_within_the_quality_margin(cfg, margin, mamba_bpb, backend, fallbacks):
+    policy = with_quality(cfg, margin, {"text_generation": mamba_bpb}, {"text_generation": 1.0})
+    d = policy.decide(feat(**LONG_DECODE, task="text_generation"))
+    assert (d.backend, d.fallbacks) == (backend, fallbacks), (d.predicted_s, d.quality, d.reason)
+    assert d.quality == {"mamba": mamba_bpb, "transformer": 1.0}
+    if backend == "mamba" and margin is not None:
+        assert f"within {margin:g} bits/byte of the best quality for text_generation (1.000)" in d.reason
+
+
+def test_a_backend_not_measured_on_the_task_follows_the_measured_ones(cfg):
+    policy = with_quality(cfg, 0.25, {"code_generation": 1.0}, {"text_generation": 1.0})
+    d = policy.decide(feat(**LONG_DECODE, task="text_generation"))
+    assert (d.backend, d.fallbacks, d.quality) == ("transformer", ("mamba",), {"transformer": 1.0})
+    nobody = with_quality(cfg, 0.25, {}, {})  # no quality anywhere: latency alone, as before
+    assert nobody.decide(feat(**LONG_DECODE, task="text_generation")).backend == "mamba"
+
+
+def test_a_pinned_backend_ignores_quality(cfg):
+    policy = with_quality(cfg, 0.0, {"text_generation": 3.0}, {"text_generation": 1.0})
+    assert policy.decide(feat(task="text_generation", model="mamba")).backend == "mamba"
+
     for name in ("mamba", "transformer"):
-        cost = cfg.backend(name).capability.cost
+        cost, quality = cfg.backend(name).capability.cost, cfg.backend(name).capability.quality
         assert cost is not None and "bench.long_context" in cost.measured
+        assert quality is not None and "bench.quality" in quality.measured
     assert cfg.routing.strategy == "cost"
 
 
@@ -347,3 +389,16 @@ def test_code_repair_without_a_text_backend_keeps_the_grid_decision_or_its_error
     assert policy.decide(grid, None, text).candidates == ("trm",)  # pinned trm: the text decision fails
     with pytest.raises(RoutingError, match="trm unhealthy"):
         policy.decide(grid, {n: BackendState(healthy=False) for n in ("trm", "transformer")}, text)
+
+
+@pytest.mark.parametrize("case,f,backend", [
+    ("chat", feat("hello there"), "transformer"),
+    ("code", feat("def add(a, b):", task="code_generation"), "transformer"),
+    ("a long document within SmolLM2's 8192 tokens", feat(tokens=5000), "transformer"),
+    ("beyond 8192 tokens only the Mamba has the context", feat(tokens=9000), "mamba"),
+    ("model pins", feat("hello there", model="mamba"), "mamba"),
+])
+def test_the_shipped_default_sends_what_smollm2_fits_to_it(cfg, case, f, backend):
+    """With the measured quality (SmolLM2 far ahead on every task) and the default margin."""
+    d = Policy({b.name: b.capability for b in cfg.backends}, cfg.routing).decide(f)
+    assert d.backend == backend, (case, d.reason)

