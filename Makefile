@@ -48,9 +48,10 @@ test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest tests/vllm
 
 # The locks: lock/requirements.txt (pyproject's ranges with the dev extra), lock/requirements-vllm.txt
-# (lock/vllm.in) and lock/weights.txt (packages that carry weights, without their dependencies), resolved by uv to the newest releases the ranges allow, for CPython 3.11 on x86_64 Linux,
-# with torch's CPU build from TORCH_WHEELS. `make upgrade` is how a dependency moves: it refreshes both
-# locks, rebuilds .venv from them and runs the tests; commit the locks only when the tests pass.
+# (lock/vllm.in) and lock/weights.txt (packages that carry weights, without their dependencies),
+# resolved by uv to the newest releases the ranges allow, for CPython 3.11 on x86_64 Linux, with torch's
+# CPU build from TORCH_WHEELS. `make upgrade` is how a dependency moves: it refreshes the locks, rebuilds
+# .venv from them and runs the tests; commit the locks only when the tests pass.
 TORCH_WHEELS ?= /opt/wheels
 UV := .venv-lock/bin/uv
 LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \

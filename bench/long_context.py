@@ -35,7 +35,6 @@ import asyncio
 import datetime
 import json
 import multiprocessing
-import re
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -46,6 +45,7 @@ import scipy.optimize
 import torch
 from transformers import AutoTokenizer
 
+from bench.capability import CONFIGS, configs_for, write_lines
 from deployments.config import AppConfig
 from deployments.lm import engine_class
 from models.engine import Engine, GenerationRequest
@@ -58,7 +58,6 @@ from models.checkpoints import resolve_model
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("mamba", "transformer")
 DECODE = 128  # tokens decoded per calibration point
-CONFIGS = (ROOT / "serve_config.yaml", ROOT / "k8s" / "rayservice-cpu.yaml")
 
 
 def heldout_ids(tokenizer, tokens: int) -> list[int]:
@@ -129,16 +128,8 @@ def fit(curve: dict[str, list[float]], measured: str) -> CostModel:
 
 def write_costs(costs: dict[str, CostModel], paths=CONFIGS) -> None:
     """Replaces each backend's one-line `cost: {...}` in the config files (comments stay)."""
-    for path in paths:
-        lines, current = path.read_text().splitlines(keepends=True), None
-        for i, line in enumerate(lines):
-            if m := re.match(r"\s*- name: (\S+)", line):
-                current = m.group(1)
-            elif current in costs and (m := re.match(r"(\s*)cost: ", line)):
-                c = costs[current]
-                lines[i] = (f"{m.group(1)}cost: {{prefill_s: {c.prefill_s}, decode_ms: {c.decode_ms}, "
-                            f"measured: {json.dumps(c.measured)}}}\n")
-        path.write_text("".join(lines))
+    write_lines("cost", {name: f"{{prefill_s: {c.prefill_s}, decode_ms: {c.decode_ms}, measured: {json.dumps(c.measured)}}}"
+                         for name, c in costs.items()}, paths)
 
 
 async def _measure(name: str, config: Path, texts: dict[int, str], cases: dict[tuple[int, int], str], repeats: int,
@@ -238,7 +229,7 @@ def main() -> None:
     args = parser.parse_args()
     result, costs = run(sorted(args.contexts), args.new, args.repeats, args.config, args.grid_repeats)
     if args.write:
-        write_costs(costs, CONFIGS if args.config.resolve() == CONFIGS[0] else (args.config,))
+        write_costs(costs, configs_for(args.config))
     print(json.dumps(result))
 
 

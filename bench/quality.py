@@ -41,12 +41,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bench.capability import CONFIGS, configs_for, write_lines
 from deployments.config import AppConfig
 from models.checkpoints import resolve_model
 from training import corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = (ROOT / "serve_config.yaml", ROOT / "k8s" / "rayservice-cpu.yaml")
 FACTS = ROOT / "bench" / "data" / "facts.jsonl"
 PYDOC_EVAL = ROOT / "training" / "data" / "pydoc.eval.jsonl"
 LONG_PROMPT_CHARS, LONG_REFERENCE_CHARS = 12_000, 1_000
@@ -128,20 +128,9 @@ def measure(ref: str, data: dict[str, list[dict]]) -> dict:
 
 
 def write_quality(quality: dict[str, dict], paths=CONFIGS) -> None:
-    """Replaces (or adds, after `cost:`) each backend's one-line `quality: {...}` in the config files."""
-    for path in paths:
-        lines, current, out = path.read_text().splitlines(keepends=True), None, []
-        for line in lines:
-            if m := re.match(r"\s*- name: (\S+)", line):
-                current = m.group(1)
-            if current in quality and re.match(r"\s*quality: ", line):
-                continue  # replaced below, after cost
-            out.append(line)
-            if current in quality and (m := re.match(r"(\s*)cost: ", line)):
-                q = quality[current]
-                out.append(f"{m.group(1)}quality: {{bits_per_byte: {json.dumps(q['bits_per_byte'])}, "
-                           f"score: {json.dumps(q['score'])}, measured: {json.dumps(q['measured'])}}}\n")
-        path.write_text("".join(out))
+    """Sets each backend's one-line `quality: {...}` in the config files (after `cost:`, comments stay)."""
+    write_lines("quality", {name: f"{{bits_per_byte: {json.dumps(q['bits_per_byte'])}, score: {json.dumps(q['score'])}, "
+                                  f"measured: {json.dumps(q['measured'])}}}" for name, q in quality.items()}, paths)
 
 
 def main() -> None:
@@ -162,7 +151,7 @@ def main() -> None:
             report[b.name]["measured"] = f"python -m bench.quality --limit {args.limit}, {when}"
             print(b.name, json.dumps(report[b.name]), flush=True)
     if args.write:
-        write_quality(report, (args.config,) if args.config != CONFIGS[0] else CONFIGS)
+        write_quality(report, configs_for(args.config))
     print(json.dumps({"examples": {t: len(e) for t, e in data.items()}, **report}))
 
 
