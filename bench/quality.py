@@ -44,6 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bench.capability import CONFIGS, configs_for, write_lines
 from deployments.config import AppConfig
 from models.checkpoints import resolve_model
+from models.code_grid import FIX_PROMPT
 from training import corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def sets(limit: int) -> dict[str, list[dict]]:
     repair = []
     for i, b in enumerate(corpus.heldout_blocks(4 * limit, seed=2)):
         if (broken := corpus.corrupt(b, seed=i)) is not None and len(repair) < limit:
-            repair.append({"messages": [{"role": "user", "content": f"{corpus.FIX_PROMPT}\n{broken[0]}"}],
+            repair.append({"messages": [{"role": "user", "content": f"{FIX_PROMPT}\n{broken[0]}"}],
                            "reference": b})
     joined = "\n\n".join(corpus.texts("heldout"))
     step = LONG_PROMPT_CHARS + LONG_REFERENCE_CHARS

@@ -4,7 +4,13 @@ so that machine noise hits both alike. Also the in-process routing decision alon
 the same two paths with a FastAPI ingress that only forwards to a deployment that only echoes, which is
 what any Serve app pays for one more deployment hop on this machine (`serve_hop_floor_p50_ms`).
 
-    python -m bench.router_overhead [--requests 300] [--concurrency 8]
+    python -m bench.router_overhead [--requests 300] [--concurrency 8] [--baseline REF]
+
+With --baseline, the router of commit REF (`git archive` into a temporary folder, deployed from it
+through Ray's runtime_env working_dir) serves beside this one in the same Serve instance, with its own
+backends, and its requests are interleaved with the others: `split_cost_p50_ms` is this router's
+median less REF's, measured side by side. `overhead_header_p50_ms` is the median of this router's
+own `x-switchyard-overhead-ms`.
 
 Last line: one JSON object.
 """
@@ -14,8 +20,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
@@ -84,33 +95,52 @@ def floor_apps():
     return Echo.bind(), Forward.bind(Echo.options(name="echo_behind").bind())
 
 
-async def measure(base: str, requests: int, concurrency: int) -> dict[str, list[float]]:
+def deploy_baseline(ref: str) -> None:
+    """The app of commit `ref`, as the application `baseline` at /baseline, from its own source tree."""
+    tree = Path(tempfile.mkdtemp(prefix="switchyard-baseline-"))
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "archive", ref], cwd=root, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    script = (  # its own driver: the baseline's modules must not meet this process's
+        "import ray\nfrom ray import serve\n"
+        f"ray.init(address='auto', namespace='serve', runtime_env={{'working_dir': {str(tree)!r}}}, "
+        "logging_level='ERROR')\n"
+        "from deployments.app import build_app\nfrom deployments.config import AppConfig\n"
+        "serve.run(build_app(AppConfig.from_serve_config().model_dump()), name='baseline', "
+        "route_prefix='/baseline', blocking=False)\n")
+    subprocess.run([sys.executable, "-c", script], cwd=tree, check=True, env=os.environ | {"PYTHONPATH": str(tree)})
+
+
+async def measure(base: str, requests: int, concurrency: int, baseline: bool) -> dict[str, list[float]]:
     routed_body = {"model": "transformer", "prompt": "hi", "max_tokens": 1, "temperature": 0}
     direct_body = {"prompt": "hi", "max_tokens": 1, "temperature": 0}
-    keys = ("direct", "routed", "direct_conc", "routed_conc", "echo", "forward")
+    keys = ("direct", "routed", "direct_conc", "routed_conc", "echo", "forward", "baseline", "baseline_conc",
+            "overhead_header")
     lat: dict[str, list[float]] = {k: [] for k in keys}
+    paths = {"direct": "/direct", "routed": "/v1/completions", "echo": "/echo", "forward": "/forward/",
+             "baseline": "/baseline/v1/completions"}
+    sequential = [k for k in paths if baseline or k != "baseline"]
     async with httpx.AsyncClient(base_url=base, timeout=60) as c:
-        async def one(path: str, body: dict, key: str) -> None:
+        async def one(key: str, into: str | None = None) -> None:
+            body = routed_body if paths[key].endswith("completions") else direct_body
             t = time.perf_counter()
-            r = await c.post(path, json=body)
+            r = await c.post(paths[key], json=body)
             r.raise_for_status()
-            lat[key].append((time.perf_counter() - t) * 1e3)
+            lat[into or key].append((time.perf_counter() - t) * 1e3)
+            if key == "routed":
+                lat["overhead_header"].append(float(r.headers["x-switchyard-overhead-ms"]))
 
         for _ in range(20):  # warm every path
-            await one("/direct", direct_body, "direct")
-            await one("/v1/completions", routed_body, "routed")
-            await one("/echo", direct_body, "echo")
-            await one("/forward/", direct_body, "forward")
+            for key in sequential:
+                await one(key)
         for v in lat.values():
             v.clear()
         for _ in range(requests):  # interleaved, one at a time
-            await one("/direct", direct_body, "direct")
-            await one("/v1/completions", routed_body, "routed")
-            await one("/echo", direct_body, "echo")
-            await one("/forward/", direct_body, "forward")
+            for key in sequential:
+                await one(key)
         for _ in range(requests // concurrency):  # interleaved rounds of `concurrency` at once
-            await asyncio.gather(*(one("/direct", direct_body, "direct_conc") for _ in range(concurrency)))
-            await asyncio.gather(*(one("/v1/completions", routed_body, "routed_conc") for _ in range(concurrency)))
+            for key in ("direct", "routed", "baseline")[: 3 if baseline else 2]:
+                await asyncio.gather(*(one(key, f"{key}_conc") for _ in range(concurrency)))
     return lat
 
 
@@ -118,6 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--baseline", metavar="REF", help="Also measure the router of this git commit, side by side.")
     args = parser.parse_args()
 
     import ray
@@ -138,8 +169,10 @@ def main() -> None:
     echo, forward = floor_apps()
     serve.run(echo, name="echo", route_prefix="/echo")
     serve.run(forward, name="forward", route_prefix="/forward")
+    if args.baseline:
+        deploy_baseline(args.baseline)
     try:
-        lat = asyncio.run(measure("http://127.0.0.1:8765", args.requests, args.concurrency))
+        lat = asyncio.run(measure("http://127.0.0.1:8765", args.requests, args.concurrency, bool(args.baseline)))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -158,9 +191,18 @@ def main() -> None:
         "serve_hop_floor_p50_ms": round(pct(lat["forward"], 0.5) - pct(lat["echo"], 0.5), 2),
         "router_own_p50_ms": round(pct(lat["routed"], 0.5) - pct(lat["direct"], 0.5)
                                    - (pct(lat["forward"], 0.5) - pct(lat["echo"], 0.5)), 2),
+        "overhead_header_p50_ms": round(pct(lat["overhead_header"], 0.5), 2),
         "policy_p50_us": round(decide_us, 1),
         "features_p50_us": round(features_us, 1),
     }
+    if args.baseline:
+        result |= {
+            "baseline": args.baseline,
+            "baseline_routed_p50_ms": round(pct(lat["baseline"], 0.5), 2),
+            "split_cost_p50_ms": round(pct(lat["routed"], 0.5) - pct(lat["baseline"], 0.5), 2),
+            "baseline_routed_concurrent_p50_ms": round(pct(lat["baseline_conc"], 0.5), 2),
+            "split_cost_concurrent_p50_ms": round(pct(lat["routed_conc"], 0.5) - pct(lat["baseline_conc"], 0.5), 2),
+        }
     print(json.dumps(result))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -142,3 +143,54 @@ def new_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+# --- response shapes -------------------------------------------------------------------
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(text: str, finish_reason: str, tokens: tuple[int, int], chat: bool, model: str,
+                    switchyard: dict[str, Any]) -> dict[str, Any]:
+    """A chat.completion or text_completion object."""
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+                  "logprobs": None}
+        return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": model,
+                "choices": [choice], "usage": usage(*tokens), "switchyard": switchyard}
+    choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+    return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": model,
+            "choices": [choice], "usage": usage(*tokens), "switchyard": switchyard}
+
+
+class Chunks:
+    """Server-sent events of one streamed completion, in OpenAI's chunk shape."""
+
+    def __init__(self, chat: bool, model: str):
+        self.chat, self.model = chat, model
+        self.id, self.created = new_id("chatcmpl" if chat else "cmpl"), now()
+        self.object = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        return "data: " + json.dumps({"id": self.id, "object": self.object, "created": self.created,
+                                      "model": self.model, "choices": choices, **extra}) + "\n\n"
+
+    def piece(self, text: str | None, finish: str | None = None, role: bool = False, **extra: Any) -> str:
+        if self.chat:
+            delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return self.event([choice], **extra)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
+        return self.event([], usage=usage(prompt_tokens, completion_tokens))
+
+    @staticmethod
+    def error(message: str, type_: str) -> str:
+        return "data: " + json.dumps(openai_error(message, type_)) + "\n\n"
+
+    DONE = "data: [DONE]\n\n"

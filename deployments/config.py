@@ -162,6 +162,14 @@ class RouterConfig(Strict):
         "calls failed; null: consecutive failures only."
     )
     breaker_window: int = Field(20, gt=0, description="Calls the failure rate is taken over.")
+    retry_after_s: float = Field(
+        1, gt=0, description="Retry-After of every 503 the router gives (routing/outcome.py): at capacity, no "
+        "backend available, every backend failed. Its view of replicas and circuits changes on that scale."
+    )
+    stream_stall_s: float = Field(
+        30, gt=0, description="A stream that sends nothing for this long after its first byte is taken as failed "
+        "and continued on the next candidate (deployments/dispatch.py)."
+    )
     replica_poll_s: float = Field(
         0.5, gt=0, description="How often the router reads which backend replicas run (deployments/replicas.py): "
         "a backend with none left is skipped, and calls waiting on it move on, instead of waiting for the deadline."

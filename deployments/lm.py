@@ -11,7 +11,9 @@ from typing import Any
 
 from ray.serve import metrics
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
+from deployments.api import openai_error
 from deployments.config import LMBackend
 from deployments.protocol import Failure, as_value, stream_values
 from models.engine import Completion, Delta, Engine, GenerationRequest
@@ -108,14 +110,21 @@ class LMServer:
             self.m_batches.inc(batches - self.batches_seen)
             self.batches_seen = batches
 
-    async def __call__(self, request: Request) -> dict[str, Any]:
+    async def __call__(self, request: Request) -> JSONResponse:
         """HTTP straight to this backend, when it is deployed as an app's ingress (bench.router_overhead):
-        a completions body in, the Completion's fields out. The router never calls it."""
-        body = await request.json()
-        result = await self.generate(GenerationRequest(
-            request_id="direct", prompt=str(body["prompt"]), max_tokens=int(body.get("max_tokens", 16)),
-            temperature=float(body.get("temperature", 1.0)),
-        ))
+        a completions body in, the Completion's fields out, errors in OpenAI's shape. The router never
+        calls it."""
+        try:
+            body = await request.json()
+            req = GenerationRequest(request_id="direct", prompt=str(body["prompt"]),
+                                    max_tokens=int(body.get("max_tokens", 16)),
+                                    temperature=float(body.get("temperature", 1.0)))
+        except (ValueError, KeyError, TypeError) as exc:
+            return JSONResponse(openai_error(f"a completions body with a prompt is expected: {exc}",
+                                             "invalid_request_error"), status_code=400)
+        result = await self.generate(req)
         if isinstance(result, Failure):
-            raise ValueError(result.message)
-        return asdict(result)
+            status = 500 if result.kind == "internal" else 400
+            type_ = "internal_server_error" if status == 500 else "invalid_request_error"
+            return JSONResponse(openai_error(result.message, type_), status_code=status)
+        return JSONResponse(asdict(result))

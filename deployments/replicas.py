@@ -92,6 +92,10 @@ class ReplicaWatch:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._poll())
 
+    def stopped(self) -> bool:
+        """True when polling started and has ended (it only ends by an error it did not expect)."""
+        return self._task is not None and self._task.done()
+
     async def _poll(self) -> None:
         while True:
             try:

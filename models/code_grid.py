@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+# The instruction before broken code when a language model repairs it: taught in training/lm.py, sent
+# by the router for a code_repair that a language model takes.
+FIX_PROMPT = "Fix this code:"
+
 ROWS, COLS = 64, 48  # a row: the indentation token, then up to COLS - 1 tokens
 MAX_INDENT = 63
 NAMES, LITERALS = 160, 96  # per-grid table sizes

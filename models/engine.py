@@ -7,9 +7,23 @@ plain dataclasses with no torch in them.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import dataclasses
+import hashlib
+import json
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+
+@dataclass
+class Continuation:
+    """The part of an answer another engine already streamed, for a stream the router moves here
+    when its first engine fails half-way. The router sends the request again with this and
+    max_tokens reduced to what is left of the budget."""
+
+    text: str  # what the client has received
+    token_ids: list[int] = field(default_factory=list)  # the tokens the previous engine streamed (may be empty)
+    tokenizer: str | None = None  # tokenizer_fingerprint() of the tokenizer that made token_ids
 
 
 @dataclass
@@ -31,6 +45,8 @@ class GenerationRequest:
     # A prompt longer than the context is cut to its head and tail instead of refused (the router's
     # degraded fallback to a backend with a shorter context).
     truncate: bool = False
+    # Continue an answer another engine started: the engine streams only the text that follows it.
+    continuation: Continuation | None = None
 
     def __post_init__(self):
         # As vLLM does: a temperature this close to 0 is greedy decoding. Dividing logits by it
@@ -55,13 +71,16 @@ class Completion:
 
 @dataclass
 class Delta:
-    """One streamed piece; the last one has `finish_reason` and the token counts."""
+    """One streamed piece; the last one has `finish_reason` and the completion tokens."""
 
     text: str
     finish_reason: FinishReason | None = None
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # on every piece: the router reports the first engine's count after a migration
     completion_tokens: int = 0
     truncated_tokens: int = 0  # on every piece, so the router knows from the first one
+    # The tokens generated since the previous piece: a stream's pieces together carry all its tokens.
+    token_ids: list[int] = field(default_factory=list)
+    tokenizer: str | None = None  # tokenizer_fingerprint() of the engine's tokenizer, on every piece
 
 
 def render_documents(documents: list[tuple[str, int | None]]) -> str:
@@ -71,12 +90,33 @@ def render_documents(documents: list[tuple[str, int | None]]) -> str:
 
 def prompt_text(request: GenerationRequest, tokenizer: Any) -> str:
     """The text every engine tokenizes: the chat template applied to the messages (documents as a
-    system turn first), or the documents then the prompt."""
+    system turn first), or the documents then the prompt. A continuation's text ends it: as the
+    assistant's unfinished turn (chat), or after the prompt."""
     docs = render_documents(request.documents)
+    cont = request.continuation
     if request.messages is not None:
         messages = ([{"role": "system", "content": docs}] if docs else []) + request.messages
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"{docs}\n\n{request.prompt}" if docs else (request.prompt or "")
+        if cont is None:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": cont.text}],
+                                             tokenize=False, continue_final_message=True)
+    text = f"{docs}\n\n{request.prompt}" if docs else (request.prompt or "")
+    return text if cont is None else text + cont.text
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """16 hex digits that are equal for tokenizers whose token ids mean the same tokens: a digest of
+    the vocabulary (added tokens included) and the special tokens, which decoding skips. Only public
+    methods that HF tokenizers and vLLM's tokenizer wrappers both have."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    blob = json.dumps({"vocab": vocab, "special": sorted(tokenizer.all_special_tokens)}, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Where the first of `stops` starts in `text`; None when none occurs."""
+    hits = [i for s in stops if (i := text.find(s)) >= 0]
+    return min(hits) if hits else None
 
 
 class InvalidRequest(ValueError):
@@ -103,6 +143,86 @@ def fit_prompt(ids: list[int], request: GenerationRequest, max_context: int | No
                              f"this model's context of {max_context} tokens")
     head = budget // 2
     return ids[:head] + ids[len(ids) - (budget - head):], len(ids) - budget
+
+
+@dataclass
+class Prompt:
+    """A request's prompt as the ids an engine prefills, and how its answer's text is made.
+
+    The answer so far is `text + decode(answer_ids + new tokens)`; the client already has its first
+    `sent` characters. Without a continuation all three are empty. A continuation whose token ids
+    this engine can take ends `ids` with them, so they are `answer_ids` (decoded again with the new
+    tokens, which also gives back what the previous engine held back); otherwise its text ends the
+    prompt text and is `text`.
+    """
+
+    ids: list[int]
+    cut: int = 0  # prompt tokens cut to fit (GenerationRequest.truncate)
+    answer_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+
+    def answer(self, decode: Callable[[list[int]], str], tokens: list[int]) -> str:
+        """The whole answer with this engine's `tokens` so far."""
+        return self.text + decode(self.answer_ids + tokens)
+
+    def tail(self, decode: Callable[[list[int]], str], tokens: list[int], n: int = 64) -> str:
+        """The answer's end, where a stop string that the last token completed lies: the last `n`
+        tokens' text, or the whole answer while there are fewer."""
+        return decode(tokens[-n:]) if len(tokens) >= n else self.answer(decode, tokens)
+
+
+def prompt_ids(request: GenerationRequest, tokenizer: Any, fingerprint: str, max_context: int | None) -> Prompt:
+    """The request's Prompt for an engine whose tokenizer has `fingerprint`. A continuation made by
+    a tokenizer with the same fingerprint appends its token ids as they are, not its text tokenized
+    again, so a greedy continuation is the answer the first engine would have given."""
+    cont = request.continuation
+    if cont is not None and cont.token_ids and cont.tokenizer == fingerprint:
+        text = prompt_text(dataclasses.replace(request, continuation=None), tokenizer)
+        ids, cut = fit_prompt(tokenizer.encode(text, add_special_tokens=False) + list(cont.token_ids), request,
+                              max_context)
+        return Prompt(ids, cut, answer_ids=list(cont.token_ids), sent=len(cont.text))
+    ids, cut = fit_prompt(tokenizer.encode(prompt_text(request, tokenizer), add_special_tokens=False), request,
+                          max_context)
+    if cont is None:
+        return Prompt(ids, cut)
+    return Prompt(ids, cut, text=cont.text, sent=len(cont.text))
+
+
+class Answer:
+    """A streamed answer's text as its tokens come: what can be sent after what the client has,
+    holding back what may still change (a stop string forming, an incomplete character). Stop strings
+    are looked for in the whole answer, so one may span a continuation's boundary."""
+
+    def __init__(self, request: GenerationRequest, prompt: Prompt, decode: Callable[[list[int]], str]):
+        self.prompt, self.stops, self.decode = prompt, request.stop, decode
+        self.hold = max((len(s) for s in request.stop), default=1) - 1  # characters a stop string may still take
+        self.tokens: list[int] = []  # this engine's
+        self.sent = prompt.sent  # characters of the answer the client has
+        self.stopped = False  # the answer holds a stop string: it ends there
+        self._text = prompt.answer(decode, [])
+
+    def add(self, tokens: list[int]) -> str:
+        """Takes new tokens; returns the text that can be sent now ("" if none, or once stopped)."""
+        self.tokens += tokens
+        self._text = self.prompt.answer(self.decode, self.tokens)
+        if first_stop(self._text, self.stops) is not None:
+            self.stopped = True
+            return ""
+        # an incomplete multi-byte character decodes as U+FFFD: not sent, nor counted in the hold-back
+        safe = len(self._text.rstrip("\ufffd")) - self.hold
+        if safe <= self.sent:
+            return ""
+        piece, self.sent = self._text[self.sent:safe], safe
+        return piece
+
+    def rest(self) -> str:
+        """The text not sent yet, up to the first stop string; for the answer's last piece."""
+        cut = first_stop(self._text, self.stops)
+        end = len(self._text) if cut is None else cut
+        piece = self._text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return piece
 
 
 class Engine(abc.ABC):

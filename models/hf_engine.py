@@ -11,6 +11,10 @@ Speculative decoding (per request or by default): prompt lookup or a draft model
 models.speculative, one request at a time; greedy output is identical to plain decoding. Mamba-1
 models speculate too, with the SSM state rolled back to the last accepted token (models.mamba).
 
+A request with a continuation (a stream the router moved here from a failed engine) prefills the
+answer so far and streams only what follows it (models.engine.prompt_ids and Answer, shared with
+the vLLM engine).
+
 Adapters: peft LoRA adapters from the config, loaded on first use and kept in an LRU of
 `max_loaded_adapters`; a batch uses one adapter (or none).
 
@@ -36,7 +40,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from models import lean_llama, mamba, speculative
-from models.engine import Completion, Delta, Engine, GenerationRequest, InvalidRequest, fit_prompt, prompt_text
+from models.engine import (Answer, Completion, Delta, Engine, FinishReason, GenerationRequest, InvalidRequest, Prompt,
+                           first_stop, prompt_ids, tokenizer_fingerprint)
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +66,14 @@ SPECULATION = ("none", "prompt_lookup", "draft")
 
 @dataclass
 class _Job:
-    """One request in the engine: its prompt ids, the tokens made so far, and where they go."""
+    """One request in the engine: its prompt, the tokens made so far, and where they go."""
 
     request: GenerationRequest
-    ids: torch.Tensor
+    prompt: Prompt
+    ids: torch.Tensor  # (1, n): prompt.ids
     speculation: Speculation
     loop: asyncio.AbstractEventLoop
     engine: HFEngine
-    truncated: int = 0  # prompt tokens cut (GenerationRequest.truncate)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # token ids, then None
     cancel: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
@@ -100,8 +105,8 @@ class _Job:
         if self.cancel.is_set():
             self.done = True
         elif req.stop and not self.done:
-            tail = decode(self.tokens[-64:])  # a stop string ends within the last few tokens
-            self.done = _first_stop(tail, req.stop) is not None
+            # a stop string ends within the last few tokens (or spans a continuation's boundary)
+            self.done = first_stop(self.prompt.tail(decode, self.tokens), req.stop) is not None
         if self.done:
             self.close()  # its consumer need not wait for the rest of a batch
         return self.done
@@ -161,6 +166,7 @@ class HFEngine(Engine):
         self._max_context = max_context
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-generate")
         self.model = self.tokenizer = self.draft = self.draft_lean = None
+        self.fingerprint = ""  # tokenizer_fingerprint(self.tokenizer), once loaded
         self._loaded: OrderedDict[str, None] = OrderedDict()  # adapters in the model, least recent first
         self._waiting: list[_Job] = []
         self._wake = asyncio.Event()
@@ -179,6 +185,7 @@ class HFEngine(Engine):
         from models.checkpoints import resolve_model  # the draft may be an embedded model too
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref)
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         model = AutoModelForCausalLM.from_pretrained(self.model_ref, dtype=_DTYPES[self.dtype])
         self.model = model.to(self.device).eval()
         cfg = self.model.config
@@ -212,6 +219,7 @@ class HFEngine(Engine):
             "dtype": self.dtype,
             "kernel": mamba_kernel_path(model_type, self.device),
             "max_context": self.max_context,
+            "tokenizer": self.fingerprint,
             "adapters": list(self.adapter_paths),
             "adapters_loaded": list(self._loaded),
             "max_batch_size": self.max_batch_size,
@@ -235,13 +243,11 @@ class HFEngine(Engine):
 
     # --- prompt -----------------------------------------------------------------
 
-    def _encode(self, req: GenerationRequest) -> tuple[torch.Tensor, int]:
-        """(prompt ids as a (1, n) tensor, prompt tokens cut to fit)."""
-        text = prompt_text(req, self.tokenizer)
-        ids, cut = fit_prompt(self.tokenizer(text, add_special_tokens=False).input_ids, req, self.max_context)
+    def _encode(self, req: GenerationRequest) -> Prompt:
+        prompt = prompt_ids(req, self.tokenizer, self.fingerprint, self.max_context)
         if req.adapter is not None and req.adapter not in self.adapter_paths:
             raise InvalidRequest(f"unknown adapter {req.adapter!r}; this backend has {list(self.adapter_paths)}")
-        return torch.tensor([ids]), cut
+        return prompt
 
     def _speculation(self, req: GenerationRequest) -> Speculation:
         method = req.speculation or self.speculation
@@ -255,8 +261,8 @@ class HFEngine(Engine):
         return method
 
     def _submit(self, req: GenerationRequest) -> _Job:
-        ids, cut = self._encode(req)
-        job = _Job(req, ids, self._speculation(req), asyncio.get_running_loop(), self, truncated=cut)
+        prompt = self._encode(req)
+        job = _Job(req, prompt, torch.tensor([prompt.ids]), self._speculation(req), asyncio.get_running_loop(), self)
         self._waiting.append(job)
         self._wake.set()
         return job
@@ -408,17 +414,12 @@ class HFEngine(Engine):
         self.model.set_adapter(name)
         return contextlib.nullcontext()
 
-    def _finish(self, req: GenerationRequest, tokens: list[int], cancelled: bool) -> tuple[str, str]:
-        """(text, finish_reason) with stop strings cut off, as OpenAI does."""
-        eos = self.tokenizer.eos_token_id
-        ended = bool(tokens) and tokens[-1] == eos
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = _first_stop(text, req.stop)
-        if cut is not None:
-            return text[:cut], "stop"
-        if ended:
-            return text, "stop"
-        return text, "abort" if cancelled else "length"
+    def _reason(self, answer: Answer, cancelled: bool) -> FinishReason:
+        """A stop string or eos ends an answer with "stop" (the text is cut before the stop string, as
+        OpenAI does); else max_tokens ("length") or cancellation ("abort")."""
+        if answer.stopped or (answer.tokens and answer.tokens[-1] == self.tokenizer.eos_token_id):
+            return "stop"
+        return "abort" if cancelled else "length"
 
     # --- engine API ----------------------------------------------------------------
 
@@ -435,32 +436,30 @@ class HFEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> Completion:
         job = self._submit(request)
-        tokens = [t async for t in self._tokens(job)]
-        text, reason = self._finish(request, tokens, job.cancel.is_set())
-        return Completion(text, job.ids.shape[1], len(tokens), reason, job.truncated)
+        answer = Answer(request, job.prompt, self._decode)
+        text = answer.add([t async for t in self._tokens(job)])
+        text += answer.rest()
+        return Completion(text, len(job.prompt.ids), len(answer.tokens), self._reason(answer, job.cancel.is_set()),
+                          job.prompt.cut)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         job = self._submit(request)
-        tokens: list[int] = []
-        sent = 0  # characters of text already streamed
-        hold = max((len(s) for s in request.stop), default=1) - 1  # a stop string may still be forming
+        answer = Answer(request, job.prompt, self._decode)
+        given = 0  # tokens handed out in pieces
+        cut, fingerprint = job.prompt.cut, self.fingerprint
         stream = self._tokens(job)
         try:
             async for token in stream:
-                tokens.append(token)
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                if _first_stop(text, request.stop) is not None:
+                text = answer.add([token])
+                if answer.stopped:
                     break
-                safe = len(text) - hold
-                if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-                    safe = min(safe, len(text) - 1)
-                if safe > sent:
-                    yield Delta(text[sent:safe], truncated_tokens=job.truncated)
-                    sent = safe
+                if text:
+                    yield Delta(text, None, len(job.prompt.ids), 0, cut, answer.tokens[given:], fingerprint)
+                    given = len(answer.tokens)
         finally:
             await stream.aclose()  # cancels the job when the consumer (client) went away
-        text, reason = self._finish(request, tokens, False)
-        yield Delta(text[sent:], reason, job.ids.shape[1], len(tokens), job.truncated)
+        yield Delta(answer.rest(), self._reason(answer, False), len(job.prompt.ids), len(answer.tokens), cut,
+                    answer.tokens[given:], fingerprint)
 
 
 def _without(token: int, pick: speculative.Pick) -> speculative.Pick:
@@ -472,8 +471,3 @@ def _without(token: int, pick: speculative.Pick) -> speculative.Pick:
         return pick(logits)
 
     return masked
-
-
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    hits = [i for s in stops if (i := text.find(s)) >= 0]
-    return min(hits) if hits else None

@@ -22,8 +22,8 @@ from collections.abc import AsyncIterator, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from models.engine import (Completion, Delta, Engine, FinishReason, GenerationRequest, InvalidRequest, fit_prompt,
-                           prompt_text)
+from models.engine import (Answer, Completion, Delta, Engine, FinishReason, GenerationRequest, InvalidRequest, Prompt,
+                           prompt_ids, tokenizer_fingerprint)
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ class VLLMEngine(Engine):
         self.max_context = max_context
         self.engine: Any = None  # vllm AsyncLLM
         self.tokenizer: Any = None
+        self.fingerprint = ""  # tokenizer_fingerprint(self.tokenizer), once started
         self._loras: dict[str, Any] = {}  # adapter name -> LoRARequest
         self._ids = itertools.count()
         # From vLLM's own scheduler stats (a stat logger, below): requests waiting, engine steps run,
@@ -177,6 +178,7 @@ class VLLMEngine(Engine):
         # Starts the engine core in a child process and loads the weights (blocking, like vLLM's own server).
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args), stat_loggers=[self._stat_logger()])
         self.tokenizer = self.engine.get_tokenizer()
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.max_context = self.engine.model_config.max_model_len
         # int ids must be unique per adapter for the engine's lifetime: vLLM caches adapters by id.
         self._loras = {name: LoRARequest(name, i, path)
@@ -213,6 +215,7 @@ class VLLMEngine(Engine):
             "dtype": self.dtype,
             "kernel": None,
             "max_context": self.max_context,
+            "tokenizer": self.fingerprint,
             "adapters": list(self.adapter_paths),
             "speculation": speculation_name(self.speculation),
             "speculative_config": self.args.get("speculative_config"),
@@ -227,37 +230,54 @@ class VLLMEngine(Engine):
             raise RuntimeError("vLLM engine not started")
         await self.engine.check_health()  # raises once the engine core process has died
 
-    def _submit(self, request: GenerationRequest) -> tuple[AsyncIterator[Any], str, int, int]:
-        """Checks the request and hands it to vLLM: (its output stream, vLLM request id, prompt tokens,
-        prompt tokens cut)."""
+    def _submit(self, request: GenerationRequest) -> tuple[AsyncIterator[Any], str, Prompt]:
+        """Checks the request and hands it to vLLM: (its output stream, vLLM request id, its prompt)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         if request.adapter is not None and request.adapter not in self._loras:
             raise InvalidRequest(f"unknown adapter {request.adapter!r}; this backend has {list(self._loras)}")
         check_speculation(request.speculation, self.speculation)
-        ids = self.tokenizer.encode(prompt_text(request, self.tokenizer), add_special_tokens=False)
-        ids, cut = fit_prompt(ids, request, self.max_context)  # vLLM's own truncation keeps the tail only
+        # cut to fit by prompt_ids (fit_prompt): vLLM's own truncation keeps the tail only
+        prompt = prompt_ids(request, self.tokenizer, self.fingerprint, self.max_context)
         # vLLM aborts by external id, every request sharing it: keep ours unique.
         rid = f"{request.request_id}-{next(self._ids)}"
         params = SamplingParams(**sampling_kwargs(request), output_kind=RequestOutputKind.DELTA)
         # Already tokens: the renderer only wraps them as an engine input (raw prompts are deprecated).
-        (prompt,) = self.engine.renderer.render_cmpl([{"prompt_token_ids": ids}])
-        outputs = self.engine.generate(prompt, params, rid, lora_request=self._loras.get(request.adapter))
-        return outputs, rid, len(ids), cut
+        (engine_prompt,) = self.engine.renderer.render_cmpl([{"prompt_token_ids": prompt.ids}])
+        outputs = self.engine.generate(engine_prompt, params, rid, lora_request=self._loras.get(request.adapter))
+        return outputs, rid, prompt
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        outputs, rid, prompt_tokens, cut = self._submit(request)
+        outputs, rid, prompt = self._submit(request)
+        # vLLM's text starts where the prompt ends: a continued answer's is made here from all its tokens
+        # instead, as the hf engine makes it, to give back what the previous engine held back and to find
+        # stop strings across the boundary (decoding the whole answer per step, so only for continuations).
+        answer = None if request.continuation is None else Answer(request, prompt, self._decode)
+        pending: list[int] = []  # tokens not handed out yet: vLLM may hold back their text
         completion_tokens, finished = 0, False
         try:
             async for out in outputs:  # each a RequestOutput holding only what is new (DELTA)
                 piece = out.outputs[0]
                 completion_tokens += len(piece.token_ids)
-                if out.finished:
-                    finished = True
-                    yield Delta(piece.text, finish_reason(piece.finish_reason), prompt_tokens, completion_tokens, cut)
-                elif piece.text:  # vLLM holds back text that may still become a stop string
-                    yield Delta(piece.text, truncated_tokens=cut)
+                pending += piece.token_ids
+                text = piece.text if answer is None else answer.add(list(piece.token_ids))
+                # vLLM looks for stop strings in its own text only: one across the boundary ends it here
+                stopped = answer is not None and answer.stopped
+                if out.finished or stopped:
+                    finished = out.finished  # else the finally aborts vLLM's request
+                    reason = "stop" if stopped else finish_reason(piece.finish_reason)
+                    if answer is not None:
+                        text += answer.rest()
+                    yield Delta(text, reason, len(prompt.ids), completion_tokens, prompt.cut, pending,
+                                self.fingerprint)
+                    break
+                if text:  # vLLM holds back text that may still become a stop string
+                    yield Delta(text, None, len(prompt.ids), 0, prompt.cut, pending, self.fingerprint)
+                    pending = []
         finally:
             if not finished:  # the consumer went away (client gone, deadline) or failed: free the slot
                 await self.engine.abort(rid)

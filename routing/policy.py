@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Literal
 
 from routing.config import TASKS, Capability, RoutingConfig, Rule
@@ -24,8 +25,26 @@ from routing.features import Features
 ErrorKind = Literal["invalid", "not_found", "unavailable", "forbidden"]
 
 
-_CONTEXT = "context "  # how a too-short context's exclusion reason starts
-_FORBIDDEN = "not allowed for caller"
+class Exclusion(StrEnum):
+    """Why a backend is not a candidate. Code branches on this, never on Excluded.reason."""
+
+    modality = "modality"  # does not accept the input's modality
+    task = "task"  # does not serve the task
+    adapter = "adapter"  # has no such adapter
+    forbidden = "forbidden"  # the caller may not use it
+    context = "context"  # prompt + max_tokens beyond its context
+    unhealthy = "unhealthy"
+
+
+@dataclass(frozen=True)
+class Excluded:
+    """One backend's exclusion: its kind, and the reason for people (in errors and /v1/route)."""
+
+    kind: Exclusion
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 class RoutingError(Exception):
@@ -57,7 +76,7 @@ class Decision:
     task_source: str  # "explicit", "classifier", "rule:NAME", "default"
     reason: str
     scores: dict[str, float]  # every backend's score, filtered ones included
-    excluded: dict[str, str] = field(default_factory=dict)  # backend -> why it is not a candidate
+    excluded: dict[str, Excluded] = field(default_factory=dict)  # backend -> why it is not a candidate
     predicted_s: dict[str, float] = field(default_factory=dict)  # load-adjusted latency, backends with a cost model
     quality: dict[str, float] = field(default_factory=dict)  # bits per byte for the task, backends measured on it
     # Last-resort fallbacks whose context is too short for the request: they get the prompt's head
@@ -149,23 +168,24 @@ class Policy:
         return round(s, 6)
 
     def _exclusion(self, name: str, task: str, f: Features, state: BackendState | None,
-                   context: bool = True) -> str | None:
+                   context: bool = True) -> Excluded | None:
         """Why `name` cannot take the request, or None. Checked cheapest first; the context length
         only with `context`."""
         cap = self.backends[name]
         if f.modality not in cap.modalities:
-            return f"does not accept {f.modality} input"
+            return Excluded(Exclusion.modality, f"does not accept {f.modality} input")
         if f.backend is None and cap.tasks.get(task, 0.0) <= 0:
-            return f"does not serve task {task}"
+            return Excluded(Exclusion.task, f"does not serve task {task}")
         if f.adapter is not None and f.adapter not in self.adapters.get(name, ()):
-            return f"has no adapter {f.adapter!r}"
+            return Excluded(Exclusion.adapter, f"has no adapter {f.adapter!r}")
         if not f.caller.may_use(name, f.adapter):
-            return f"{_FORBIDDEN} {f.caller.name}"
+            return Excluded(Exclusion.forbidden, f"not allowed for caller {f.caller.name}")
         need = f.tokens + f.max_new_tokens
         if context and need > cap.max_context:
-            return f"{_CONTEXT}{cap.max_context} < {f.tokens} prompt + {f.max_new_tokens} new tokens"
+            return Excluded(Exclusion.context,
+                            f"context {cap.max_context} < {f.tokens} prompt + {f.max_new_tokens} new tokens")
         if state is not None and not state.healthy:
-            return "unhealthy"
+            return Excluded(Exclusion.unhealthy, "unhealthy")
         return None
 
     def decide(self, f: Features, states: Mapping[str, BackendState] | None = None,
@@ -188,7 +208,7 @@ class Policy:
             return replace(text, reason=f"{text.reason} (as text)", as_text=text.candidates)
         extra = tuple(n for n in text.candidates if n not in first.candidates)
         return replace(first, fallbacks=(*first.fallbacks, *extra), as_text=extra,
-                       excluded={n: why for n, why in first.excluded.items() if n not in extra},
+                       excluded={n: e for n, e in first.excluded.items() if n not in extra},
                        degraded=first.degraded | {n: why for n, why in text.degraded.items() if n in extra})
 
     def _decide(self, f: Features, states: Mapping[str, BackendState] | None = None) -> Decision:
@@ -199,10 +219,10 @@ class Policy:
         task, source, why = self.infer_task(f)
         names = [f.backend] if f.backend is not None else list(self.backends)
         scores = {n: self.score(n, task, f, states.get(n)) for n in self.backends}
-        excluded = {}
+        excluded: dict[str, Excluded] = {}
         for n in names:
-            if (reason := self._exclusion(n, task, f, states.get(n))) is not None:
-                excluded[n] = reason
+            if (e := self._exclusion(n, task, f, states.get(n))) is not None:
+                excluded[n] = e
         predicted = self.predict(f, states)
         quality = {n: cap.quality.bits_per_byte[task] for n, cap in self.backends.items()
                    if cap.quality is not None and task in cap.quality.bits_per_byte}
@@ -223,12 +243,12 @@ class Policy:
         # Backends too short for the prompt stay as a cut-down last resort, after every full candidate,
         # when some backend could take the whole prompt (a healthy one now, or one that is unhealthy).
         degraded = {}
-        if f.backend is None and (ranked or "unhealthy" in excluded.values()):
-            short = [n for n in names if excluded.get(n, "").startswith(_CONTEXT)
+        if f.backend is None and (ranked or any(e.kind is Exclusion.unhealthy for e in excluded.values())):
+            short = [n for n, e in excluded.items() if e.kind is Exclusion.context
                      and self.backends[n].max_context > 2 * f.max_new_tokens
                      and self._exclusion(n, task, f, states.get(n), context=False) is None]
             for n in sorted(short, key=lambda n: -self.backends[n].max_context):
-                degraded[n] = f"{excluded[n]}: the prompt's middle was cut"
+                degraded[n] = f"{excluded[n].reason}: the prompt's middle was cut"
         candidates = [*ranked, *degraded]
         if not candidates:
             raise _no_route(f, task, excluded)
@@ -259,19 +279,20 @@ class Policy:
         return out
 
 
-def _no_route(f: Features, task: str, excluded: dict[str, str]) -> RoutingError:
-    detail = "; ".join(f"{n} {why}" for n, why in excluded.items())
-    if any(why.startswith(_FORBIDDEN) for why in excluded.values()) and all(
-            why.startswith(_FORBIDDEN) or why.startswith("does not") for why in excluded.values()):
+def _no_route(f: Features, task: str, excluded: Mapping[str, Excluded]) -> RoutingError:
+    """The error when every backend is excluded: decided by the exclusions' kinds, worded by their reasons."""
+    detail = "; ".join(f"{n} {e.reason}" for n, e in excluded.items())
+    kinds = {e.kind for e in excluded.values()}
+    if Exclusion.forbidden in kinds and kinds <= {Exclusion.forbidden, Exclusion.modality, Exclusion.task}:
         return RoutingError(f"caller {f.caller.name} may not use a backend that can serve this request: {detail}",
                             "forbidden", "model")
-    if f.adapter is not None and all("adapter" in why for why in excluded.values()):
+    if f.adapter is not None and kinds == {Exclusion.adapter}:
         return RoutingError(f"model {f.backend}:{f.adapter} does not exist: {detail}", "not_found", "model")
-    if excluded and all(why == "unhealthy" for why in excluded.values()):
+    if kinds == {Exclusion.unhealthy}:
         return RoutingError(f"no healthy backend for task {task}: {detail}", "unavailable")
-    if any(why == "unhealthy" for why in excluded.values()):
+    if Exclusion.unhealthy in kinds:
         return RoutingError(f"no backend can serve this request now: {detail}", "unavailable")
-    param = "messages" if any(why.startswith(_CONTEXT) for why in excluded.values()) else "model"
+    param = "messages" if Exclusion.context in kinds else "model"
     return RoutingError(f"no backend can serve this request: {detail}", "invalid", param)
 
 

@@ -64,11 +64,6 @@ def heldout_blocks(n: int, seed: int = 0, max_lines: int = 24) -> list[str]:
     return random.Random(seed).sample(blocks, min(n, len(blocks)))
 
 
-# The instruction before broken code in the language models' training (training/lm.py); the router
-# asks a language model for a code_repair with it.
-FIX_PROMPT = "Fix this code:"
-
-
 # Corruptions for "fix this code" tasks. Each returns the broken text, or None when the block has
 # nothing it can break that way.
 def _missing_colon(block: str, rng: random.Random) -> str | None:

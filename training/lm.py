@@ -39,6 +39,7 @@ from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, MambaCon
                           PreTrainedTokenizerBase)
 
 from models import mamba
+from models.code_grid import FIX_PROMPT
 from training import corpus
 from models.checkpoints import EMBEDDED_DIR
 from training.defaults import SEED, build_tokenizer
@@ -81,7 +82,7 @@ PRESETS = {
     # Same width and depth as tiny-llama; fewer steps, as a Mamba step costs about 3x on CPU.
     "tiny-mamba": Preset(hidden=256, layers=4, arch="mamba", steps=500),
 }
-TASKS = ("Rewrite this code:", corpus.FIX_PROMPT, "Continue this code:")
+TASKS = ("Rewrite this code:", FIX_PROMPT, "Continue this code:")
 
 
 def model_config(preset: Preset, tok: PreTrainedTokenizerBase) -> LlamaConfig | MambaConfig:
@@ -115,7 +116,7 @@ def chat_examples(tok: PreTrainedTokenizerBase, seq: int, seed: int = SEED) -> l
     for text in corpus.texts("train"):
         for block in corpus.blocks_of(text, max_lines=16):
             task = rng.choice(TASKS)
-            if task == corpus.FIX_PROMPT:
+            if task == FIX_PROMPT:
                 broken = corpus.corrupt(block, rng.randrange(1 << 30))
                 if broken is None:
                     continue

@@ -2,8 +2,9 @@
 model backends placed by custom resources, for tests that kill replicas and remove nodes:
 
     head      router (1 of 2), Serve's controller and HTTP proxy     router_host
-    worker a  mamba, transformer (1 of 2)                            mamba_host, lm_host
-    worker b  router (2 of 2), transformer (2 of 2)                  router_host, lm_host
+    worker a  mamba                                                  mamba_host
+    worker b  router (2 of 2)                                        router_host
+    worker c  transformer (both replicas)                            lm_host: 2
 
 The cluster is started when a test first asks for `chaos`, and again after tests/serve held the
 process's Ray (tests/support.py). Each test starts from the whole cluster: `chaos` adds back a node an
@@ -19,8 +20,10 @@ import pytest
 
 from tests.support import RAY, free_port, tiny_args
 
-WORKER_A = {"num_cpus": 2, "resources": {"mamba_host": 1, "lm_host": 1}}
-WORKER_B = {"num_cpus": 2, "resources": {"router_host": 1, "lm_host": 1}}
+WORKER_A = {"num_cpus": 2, "resources": {"mamba_host": 1}}
+WORKER_B = {"num_cpus": 1, "resources": {"router_host": 1}}
+WORKER_C = {"num_cpus": 2, "resources": {"lm_host": 2}}
+WORKERS = {"a": WORKER_A, "b": WORKER_B, "c": WORKER_C}
 
 
 def chaos_args() -> dict:
@@ -29,7 +32,8 @@ def chaos_args() -> dict:
     args["routing"].pop("intent")
     args["routing"]["strategy"] = "score"  # long documents to mamba first, whatever the measured costs
     # a deadline with room for a machine shared with other work: a request past it is a 504, which fails a test
-    args["router"] |= {"request_timeout_s": 60, "default_max_tokens": 8}
+    # a stream that sends nothing for 5 s continues elsewhere (a removed node's replicas may not fail at once)
+    args["router"] |= {"request_timeout_s": 60, "default_max_tokens": 8, "stream_stall_s": 5}
     args["router"]["deployment"] |= {"num_replicas": 2, "health_check_period_s": 1, "health_check_timeout_s": 5}
     args["router"]["deployment"]["ray_actor_options"] |= {"resources": {"router_host": 1}}
     for b in args["backends"]:
@@ -37,8 +41,8 @@ def chaos_args() -> dict:
         d |= {"health_check_period_s": 1, "health_check_timeout_s": 5, "graceful_shutdown_timeout_s": 1}
         host = "mamba_host" if b["name"] == "mamba" else "lm_host"
         d["ray_actor_options"] |= {"resources": {host: 1}}
-        if b["name"] == "transformer":
-            d["num_replicas"] = 2
+        if b["name"] == "transformer":  # 8 calls each: 16 streams are split evenly, so a kill hits half of them
+            d |= {"num_replicas": 2, "max_ongoing_requests": 8}
     return args
 
 
@@ -60,7 +64,7 @@ class Chaos:
 
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 1, "resources": {"router_host": 1}, "include_dashboard": False})
-        self.nodes = {"a": self.cluster.add_node(**WORKER_A), "b": self.cluster.add_node(**WORKER_B)}
+        self.nodes = {name: self.cluster.add_node(**options) for name, options in WORKERS.items()}
         ray.init(address=self.cluster.address, logging_level="WARNING")
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
@@ -77,16 +81,39 @@ class Chaos:
 
     def restore(self) -> None:
         """Adds back the worker nodes that are gone and waits until every replica runs."""
-        for name, options in (("a", WORKER_A), ("b", WORKER_B)):
+        for name, options in WORKERS.items():
             if self.nodes[name] not in self.cluster.list_all_nodes():  # removed by an earlier test
                 self.nodes[name] = self.cluster.add_node(**options)
         for deployment, count in REPLICAS.items():
             self.wait_running(deployment, count)
+        self.wait_callable()
+
+    def wait_callable(self, timeout: float = 120) -> None:
+        """Until both routers would call every backend: none has an open circuit or no live replica
+        in their view (10 /healthz answers in a row, which the proxy spreads over both routers)."""
+        import httpx
+
+        start, in_a_row = time.monotonic(), 0
+        with httpx.Client(base_url=self.url, timeout=10) as c:
+            while in_a_row < 10:
+                assert time.monotonic() - start < timeout, c.get("/healthz").text
+                states = {b["state"] for b in c.get("/healthz").json()["backends"].values()}
+                in_a_row = in_a_row + 1 if states <= {"ok", "probing"} else 0
+                time.sleep(0.05 if in_a_row else 0.5)
 
     def replicas(self, deployment: str) -> dict[str, int]:
         from ray import serve
 
         return dict(serve.status().applications["switchyard"].deployments[deployment].replica_states)
+
+    def running_replica(self, deployment: str):
+        """A handle to one RUNNING replica of `deployment`, as Serve's controller lists it."""
+        import ray
+        from ray.serve.context import _get_global_client
+
+        details = _get_global_client().get_serve_details()["applications"]["switchyard"]["deployments"][deployment]
+        name = next(r["actor_name"] for r in details["replicas"] if r["state"] == "RUNNING")
+        return ray.get_actor(name, namespace="serve")
 
     def wait_running(self, deployment: str, count: int, timeout: float = 300) -> float:
         start = time.monotonic()

@@ -1,15 +1,19 @@
-"""Chaos on a three-node cluster (conftest.py): a replica killed under load, the node holding mamba
-removed and added back, the node holding one of the two routers removed. Each test starts from the
-whole cluster (the `chaos` fixture restores it), in any order."""
+"""Chaos on a four-node cluster (conftest.py): a replica killed under load, the node holding mamba
+removed and added back, the node holding one of the two routers removed, and streams that lose
+their replica, or every replica of their backend, half-way. Each test starts from the whole cluster
+(the `chaos` fixture restores it), in any order."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
 
 import httpx
 import ray
+
+from tests.chaos.conftest import WORKER_A
 
 # 64 tokens whatever the model says: each of 16 clients always has a request in flight on one of the
 # two transformer replicas, so a kill lands on some
@@ -88,7 +92,7 @@ def test_a_replica_killed_under_16_clients_fails_no_request(chaos):
     print(summary(rs))
     assert all(r.status == 200 for r in rs), [r for r in rs if r.status != 200][:3]
     in_flight = [r for r in rs if r.sent < killed_at < r.done]
-    retried = [r for r in rs if any(a["error"].startswith("replica died") for a in r.attempts)]
+    retried = [r for r in rs if any(a["kind"] == "replica_died" for a in r.attempts)]
     print(f"in flight at the kill: {len(in_flight)}, retried on the other replica: {len(retried)}")
     assert in_flight and retried, "the kill hit no request: nothing was shown"
 
@@ -111,7 +115,7 @@ def test_the_node_holding_mamba_removed_then_added_back(chaos):
     print("moved to the transformer after (s):", moved,
           "answered after (s):", [round(r.done - max(r.sent, removed_at), 2) for r in after])
 
-    chaos.nodes["a"] = chaos.cluster.add_node(num_cpus=2, resources={"mamba_host": 1, "lm_host": 1})
+    chaos.nodes["a"] = chaos.cluster.add_node(**WORKER_A)
     print("mamba running again after", round(chaos.wait_running("mamba", 1), 1), "s")
     start = time.monotonic()
     with httpx.Client(base_url=chaos.url, timeout=90) as c:
@@ -135,3 +139,101 @@ def test_two_routers_on_two_nodes_one_node_removed(chaos):
         time.sleep(0.25)
     ok = sum(r.status == 200 for r in rs) / len(rs)
     assert ok >= 0.99, summary(rs)
+
+
+# 256 tokens whatever the model says, greedy: every stream of the same prompt is the same text
+STREAM = {"model": "transformer", "messages": [{"role": "user", "content": "Tell me about the sea."}],
+          "max_tokens": 256, "temperature": 0, "ignore_eos": True, "stream": True,
+          "stream_options": {"include_usage": True}}
+
+
+@dataclass
+class Stream:
+    text: str = ""
+    pieces: int = 0
+    done: bool = False  # data: [DONE] came
+    errors: list = field(default_factory=list)  # error events, or the client's own failure
+    usage: dict | None = None
+    last: dict = field(default_factory=dict)  # the finishing chunk's switchyard summary
+
+    @property
+    def migrated(self) -> list[dict]:
+        return [a for a in self.last.get("attempts", []) if a["kind"] == "migrated"]
+
+
+def stream_clients(url: str, body: dict, clients: int) -> tuple[list[Stream], list[threading.Thread]]:
+    """`clients` threads, each reading one stream of `body` into its Stream."""
+    streams = [Stream() for _ in range(clients)]
+
+    def read(s: Stream) -> None:
+        try:
+            with httpx.Client(base_url=url, timeout=90) as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        s.done = True
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        s.errors.append(event["error"])
+                    for choice in event.get("choices", []):
+                        s.text += choice["delta"].get("content") or ""
+                        s.pieces += 1
+                        if choice["finish_reason"] is not None:
+                            s.last = event["switchyard"]
+                    s.usage = event.get("usage") or s.usage
+        except httpx.HTTPError as exc:
+            s.errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=read, args=(s,), daemon=True) for s in streams]
+    for t in threads:
+        t.start()
+    return streams, threads
+
+
+def wait_half_way(streams: list[Stream], pieces: int = 32, timeout: float = 300) -> None:
+    start = time.monotonic()
+    while not all(s.pieces >= pieces or s.errors for s in streams):  # a cap on waiting, not a speed bound
+        assert time.monotonic() - start < timeout, [(s.pieces, s.errors) for s in streams]
+        time.sleep(0.02)
+
+
+def finish(streams: list[Stream], threads: list[threading.Thread]) -> None:
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a stream never ended"
+    print("tokens each stream had when it moved:", [[m["tokens"] for m in s.migrated] for s in streams])
+    assert all(s.done and not s.errors for s in streams), [s.errors for s in streams if s.errors]
+    assert all(s.usage["completion_tokens"] == 256 for s in streams), [s.usage for s in streams]
+
+
+def test_streams_continue_on_the_other_replica_when_theirs_is_killed(chaos):
+    victim = chaos.running_replica("transformer")  # found first: the kill is then at once
+    streams, threads = stream_clients(chaos.url, STREAM, clients=16)
+    wait_half_way(streams)
+    ray.kill(victim, no_restart=True)
+    finish(streams, threads)
+    moved = [s for s in streams if s.migrated]
+    assert moved, "the kill hit no stream: nothing was shown"
+    assert all(m["to"] == "transformer" and 0 < m["tokens"] < 256 for s in moved for m in s.migrated)
+    # the token ids went with the request: the continued text is the uninterrupted greedy answer
+    whole = [s for s in streams if not s.migrated]
+    assert whole, "every stream was moved: none to compare with"
+    assert all(s.text == whole[0].text for s in streams)
+
+
+def test_streams_continue_on_mamba_when_the_node_of_every_transformer_replica_goes(chaos):
+    body = STREAM | {"model": "auto", "task": "text_generation"}  # the transformer first, mamba next
+    with httpx.Client(base_url=chaos.url, timeout=90) as c:
+        route = c.post("/v1/route", json=body).json()
+    assert (route["backend"], route["fallbacks"]) == ("transformer", ["mamba"]), route
+    streams, threads = stream_clients(chaos.url, body, clients=16)
+    wait_half_way(streams)
+    chaos.cluster.remove_node(chaos.nodes["c"], allow_graceful=False)
+    finish(streams, threads)
+    moved = [s for s in streams if s.migrated]
+    assert moved, "the removal hit no stream: nothing was shown"
+    # a stream that had finished on the transformer before the node went has nothing to show
+    assert all(s.last["backend"] == "mamba" and s.migrated[-1]["to"] == "mamba" for s in moved)
+    assert all(s.last["backend"] == "transformer" for s in streams if not s.migrated)

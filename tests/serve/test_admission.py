@@ -1,4 +1,4 @@
-"""The router's own admission limit (_Guard): beyond `router.max_in_flight` requests at once, a 503
+"""The router's own admission limit (deployments.http.Guard): beyond `router.max_in_flight` requests at once, a 503
 in OpenAI's shape with Retry-After, before Serve's proxy would queue or refuse in plain text."""
 
 import asyncio
@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.config import DeploymentOptions, RouterConfig
-from deployments.router import _Guard
+from deployments.http import Guard
 from routing.access import Access, AuthConfig, RateLimiter
 
 
@@ -29,7 +29,7 @@ def test_requests_beyond_max_in_flight_get_a_503_with_retry_after_and_the_count_
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    guard = _Guard(inner)
+    guard = Guard(inner)
 
     async def call() -> tuple[int, dict, bytes]:
         sent: list[dict] = []

@@ -61,6 +61,7 @@ def assert_openai_error(r: httpx.Response, status: int) -> dict:
 def test_healthz(client):
     r = client.get("/healthz")
     assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert {b["state"] for b in r.json()["backends"].values()} == {"ok"}
 
 
 def test_models_lists_every_backend_with_its_engine(client):
@@ -217,6 +218,10 @@ def test_completion(client):
     body = r.json()
     assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] == 5
     assert body["choices"][0]["finish_reason"] == "length"
+    # the router's own time, apart from the backend's: more than nothing, less than the whole request
+    overhead = float(r.headers["x-switchyard-overhead-ms"])
+    entry = client.get("/v1/routing/log", params={"limit": 1}).json()["data"][0]
+    assert 0 < overhead < entry["latency_ms"] and 0 < entry["overhead_ms"] < entry["latency_ms"]
 
 
 def test_pinned_backend(client):
@@ -539,16 +544,19 @@ def test_audit_log_has_a_line_per_request_with_tokens_streams_included(client, a
     stream = client.post("/fallback/v1/completions", json={"prompt": "audit the stream", "max_tokens": 3,
                                                            "temperature": 0, "stream": True},
                          headers={"x-request-id": "req-audit-stream"})
-    assert unary.status_code == stream.status_code == 200
+    failed = client.post("/fallback/v1/chat/completions", json=chat("audit me", model="mamba"),
+                         headers={"x-request-id": "req-audit-failed"})
+    assert unary.status_code == stream.status_code == 200 and failed.status_code == 503
     sse(stream)
     found: dict = {}
     for _ in range(50):  # written in batches, 0.2 s apart here
         found = {e["request_id"]: e for e in map(json.loads, audit_log_path.read_text().splitlines())
                  if e["request_id"].startswith("req-audit")} if audit_log_path.exists() else {}
-        if len(found) == 2:
+        if len(found) == 3:
             break
         time.sleep(0.1)
-    u, st = found["req-audit-unary"], found["req-audit-stream"]
+    u, st, f = found["req-audit-unary"], found["req-audit-stream"], found["req-audit-failed"]
+    assert (f["status"], f["backend"]) == (503, None) and f["error"] == failed.json()["error"]["message"]
     usage = unary.json()["usage"]
     assert (u["caller"], u["endpoint"], u["backend"], u["status"], u["adapter"], u["fallback"]) == \
         ("anonymous", "chat", "transformer", 200, None, False)
@@ -620,8 +628,10 @@ def test_a_prompt_too_long_for_the_transformer_falls_back_degraded(client, strea
 def test_pinned_failing_backend_is_503(client):
     r = client.post("/fallback/v1/chat/completions", json=chat("x", model="mamba"))
     assert r.status_code == 503
-    assert int(r.headers["retry-after"]) >= 1
+    assert r.headers["retry-after"] == "1"  # the one rule: router.retry_after_s
     assert_openai_error(r, 503)
+    entry = client.get("/fallback/v1/routing/log", params={"limit": 1}).json()["data"][0]
+    assert [a["kind"] for a in entry["attempts"]] == ["failed"] and entry["error"].startswith("every capable")
 
 
 def test_a_failing_backend_opens_its_circuit_and_the_router_says_so(client):
@@ -629,10 +639,13 @@ def test_a_failing_backend_opens_its_circuit_and_the_router_says_so(client):
         client.post("/stubs/v1/chat/completions", json=chat("x", model="broken"))
     models = {m["id"]: m["switchyard"] for m in client.get("/stubs/v1/models").json()["data"]}
     assert models["broken"]["circuit"] == "open" and models["echo"]["circuit"] == "closed"  # cooldown: an hour
-    assert client.get("/stubs/healthz").json()["backends"]["broken"] == "circuit open"
+    health = client.get("/stubs/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "degraded"  # echo still answers
+    assert health.json()["backends"]["broken"]["state"] == "circuit open"
+    assert health.json()["backends"]["echo"] == {"state": "ok", "live_replicas": 1, "in_flight": 0}
     r = client.post("/stubs/v1/chat/completions", json=chat("x", model="broken"))
     err = assert_openai_error(r, 503)
-    assert "unhealthy" in err["message"] and int(r.headers["retry-after"]) >= 1
+    assert "unhealthy" in err["message"] and r.headers["retry-after"] == "1"  # router.retry_after_s
     auto = client.post("/stubs/v1/completions", json={"prompt": "hello", "max_tokens": 2})
     assert auto.status_code == 200 and auto.headers["x-switchyard-backend"] == "echo"
 

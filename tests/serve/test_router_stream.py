@@ -1,12 +1,17 @@
 """The router's SSE stream ends (backend cancelled, audit line written) whether or not Starlette ever
-started it: a client that leaves before the first byte goes out never runs `_sse`'s finally."""
+started it: a client that leaves before the first byte goes out never runs `_events`' finally."""
 
 import asyncio
 import gc
-import time
+import weakref
 
-from deployments.router import _on_drop, _Outcome, _sse
+from deployments.api import Chunks
+from deployments.config import RouterConfig
+from deployments.dispatch import Opened
+from deployments.records import Outcome, Records
+from deployments.router import _dropped, _events
 from models.engine import Delta
+from routing.access import ANONYMOUS
 from routing.policy import Decision
 
 
@@ -16,45 +21,47 @@ class Gen:
     def __init__(self, *pieces: Delta):
         self.pieces, self.cancelled = list(pieces), 0
 
-    async def __anext__(self) -> Delta:
-        if not self.pieces:
-            raise StopAsyncIteration
-        return self.pieces.pop(0)
-
     def cancel(self) -> None:
         self.cancelled += 1
 
 
+async def relay(gen: Gen, first: Delta, out: Outcome):  # as Dispatcher.relay: usage set, generation cancelled
+    try:
+        for piece in (first, *gen.pieces):
+            if piece.finish_reason is not None:
+                out.usage = (piece.prompt_tokens, piece.completion_tokens)
+            yield piece
+    finally:
+        gen.cancel()
+
+
 def stream(gen: Gen, first: Delta) -> tuple:
-    out = _Outcome(Decision("transformer", (), "text_generation", "default", "test", {}))
-    ends = []
-
-    def on_end(last):
-        out.ended = True  # as Router._ended does
-        ends.append(last)
-
-    events = _sse(gen, first, False, "transformer", out, time.monotonic() + 10, False, on_end)
-    _on_drop(events, gen, out, on_end)
-    return events, ends
+    records = Records(RouterConfig())
+    with records.request("completions", "req-1", ANONYMOUS) as out:
+        out.decision = Decision("transformer", (), "text_generation", "default", "test", {})
+        out.streaming = True
+    events = _events(records, out, relay(gen, first, out), Chunks(False, "transformer"), False)
+    weakref.finalize(events, _dropped, records, out, Opened("transformer", gen, first))
+    return events, out
 
 
 def test_a_stream_dropped_before_its_first_byte_cancels_the_backend_and_ends():
     gen = Gen(Delta(" world", "stop", 2, 2))
-    events, ends = stream(gen, Delta("hello"))
+    events, out = stream(gen, Delta("hello"))
     del events
     gc.collect()
-    assert gen.cancelled == 1 and ends == [None]  # None: cut short
+    assert gen.cancelled == 1 and out.ended and out.logged["error"] == "stream cut short"
 
 
 def test_a_stream_read_to_the_end_ends_once():
     gen = Gen(Delta(" world", "stop", 2, 2))
-    events, ends = stream(gen, Delta("hello"))
+    events, out = stream(gen, Delta("hello"))
 
     async def read():
         return [e async for e in events]
 
     chunks = asyncio.run(read())
-    assert chunks[-1] == "data: [DONE]\n\n" and len(chunks) == 4
+    assert chunks[-1] == Chunks.DONE and len(chunks) == 4
     del events
     gc.collect()
-    assert len(ends) == 1 and ends[0].finish_reason == "stop" and gen.cancelled == 1
+    assert out.ended and out.logged["error"] is None and gen.cancelled == 1

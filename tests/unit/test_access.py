@@ -162,7 +162,7 @@ def test_each_router_replica_holds_its_share():
 def test_permission_is_a_hard_filter_in_the_policy():
     from deployments.config import AppConfig
     from routing.features import text_features
-    from routing.policy import Policy, RoutingError
+    from routing.policy import Excluded, Exclusion, Policy, RoutingError
 
     cfg = AppConfig.from_serve_config()
     policy = Policy({b.name: b.capability for b in cfg.backends}, cfg.routing,
@@ -175,7 +175,8 @@ def test_permission_is_a_hard_filter_in_the_policy():
         return type(f)(**{**f.__dict__, "caller": kw.get("caller", ANONYMOUS)})
 
     d = policy.decide(feat(caller=only_transformer, task="long_context"))  # mamba would be first
-    assert (d.backend, d.fallbacks) == ("transformer", ()) and d.excluded["mamba"] == "not allowed for caller t"
+    assert (d.backend, d.fallbacks) == ("transformer", ())
+    assert d.excluded["mamba"] == Excluded(Exclusion.forbidden, "not allowed for caller t")
     for model in ("mamba", "transformer:pydoc"):
         with pytest.raises(RoutingError) as err:
             policy.decide(feat(caller=only_transformer, model=model))

@@ -1,9 +1,11 @@
 """HFEngine on tiny seeded models (no Ray): dynamic batching, speculation, streaming, cancellation,
-the adapter LRU. Greedy output must not depend on how requests were batched or speculated."""
+the adapter LRU, continuing another engine's stream. Greedy output must not depend on how requests
+were batched, speculated or cut and continued."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,9 @@ import torch
 from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig,
                           MambaForCausalLM)
 
-from models.engine import GenerationRequest, InvalidRequest, fit_prompt
+from models.checkpoints import resolve_model
+from models.engine import (Answer, Continuation, Delta, GenerationRequest, InvalidRequest, Prompt, fit_prompt,
+                           prompt_text, tokenizer_fingerprint)
 from models.hf_engine import HFEngine
 from training.defaults import build_tokenizer
 
@@ -254,3 +258,174 @@ def test_a_truncated_request_is_answered_and_says_how_much_was_cut(models):
     done, last = run(go())
     assert done.prompt_tokens == 56 and done.truncated_tokens > 100 and done.completion_tokens == 8
     assert (last.prompt_tokens, last.truncated_tokens) == (56, done.truncated_tokens)
+
+
+# --- continuing a stream another engine started ---------------------------------------------------
+
+CHAT = {"messages": [{"role": "user", "content": "Write a docstring for def parse(path):"}]}
+COMPLETION = {"prompt": "def add(a, b):"}
+NEVER = "@@@@"  # a stop string the answers never hold: the stream holds back its last 3 characters
+
+
+def greedy(max_tokens: int, **kw) -> GenerationRequest:
+    return GenerationRequest("t", max_tokens=max_tokens, temperature=0, ignore_eos=True, **kw)
+
+
+async def collect(engine: HFEngine, request: GenerationRequest) -> list[Delta]:
+    return [d async for d in engine.stream(request)]
+
+
+def text_of(deltas: list[Delta]) -> str:
+    return "".join(d.text for d in deltas)
+
+
+def ids_of(deltas: list[Delta]) -> list[int]:
+    return [t for d in deltas for t in d.token_ids]
+
+
+def decode(engine: HFEngine, ids: list[int]) -> str:
+    return engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_prompt_text_continues_the_assistant_turn():
+    tok = AutoTokenizer.from_pretrained(resolve_model("embedded:tiny-llama"))
+    cont = Continuation(" so far", [], None)
+    chat, completion = GenerationRequest("t", **CHAT), GenerationRequest("t", **COMPLETION)
+    assert prompt_text(GenerationRequest("t", **CHAT, continuation=cont), tok) == prompt_text(chat, tok) + " so far"
+    assert prompt_text(GenerationRequest("t", **COMPLETION, continuation=cont), tok) == "def add(a, b): so far"
+    assert prompt_text(completion, tok) == "def add(a, b):"
+
+
+def test_tokenizer_fingerprint_follows_the_vocabulary(models):
+    llama = AutoTokenizer.from_pretrained(resolve_model("embedded:tiny-llama"))
+    mamba = AutoTokenizer.from_pretrained(resolve_model("embedded:tiny-mamba"))  # the same tokenizer files
+    other = AutoTokenizer.from_pretrained(models["main"])  # trained on other files
+    fingerprint = tokenizer_fingerprint(llama)
+    assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0
+    assert tokenizer_fingerprint(mamba) == fingerprint != tokenizer_fingerprint(other)
+    llama("a b c", padding="max_length", max_length=8, truncation=True)  # per-call state leaves it alone
+    assert tokenizer_fingerprint(llama) == fingerprint
+
+
+@pytest.mark.parametrize("kind", [CHAT, COMPLETION], ids=["chat", "completion"])
+def test_a_stream_continues_exactly_where_another_was_cut(kind):
+    """A greedy stream cut after k tokens and continued with those tokens is the uninterrupted one:
+    cut at a token (all its text delivered) or where a stream holding back text for a stop string was
+    cut (the continuation must send what the client never got), batched together or one at a time."""
+
+    async def go():
+        engine = HFEngine(resolve_model("embedded:tiny-llama"))
+        await engine.start()
+        fingerprint = engine.info()["tokenizer"]
+        full = await collect(engine, greedy(40, **kind))
+        held = await collect(engine, greedy(40, **kind, stop=[NEVER]))
+        ids = ids_of(full)
+        cuts = [(decode(engine, ids[:13]), ids[:13])]  # all of the first 13 tokens' text delivered
+        for j in (4, len(held) // 2):  # the client has the pieces before j
+            cuts.append((text_of(held[:j]), ids_of(held[:j])))
+        conts = [Continuation(text, cut, fingerprint) for text, cut in cuts]
+        continued = await asyncio.gather(*(collect(engine, greedy(40 - len(c.token_ids), **kind, continuation=c))
+                                           for c in conts))
+        one = await engine.generate(greedy(40 - 13, **kind, continuation=conts[0]))
+        spec = await engine.generate(greedy(40 - 13, **kind, continuation=conts[0], speculation="prompt_lookup"))
+        return fingerprint, engine, full, held, conts, continued, one, spec
+
+    fingerprint, engine, full, held, conts, continued, one, spec = run(go())
+    whole, ids = text_of(full), ids_of(full)
+    assert len(ids) == 40 and text_of(held) == whole and ids_of(held) == ids
+    assert any(len(decode(engine, c.token_ids)) > len(c.text) for c in conts)  # a cut with text held back
+    for cont, deltas in zip(conts, continued):
+        assert cont.text + text_of(deltas) == whole
+        assert cont.token_ids + ids_of(deltas) == ids
+        assert deltas[-1].completion_tokens == 40 - len(cont.token_ids) and deltas[-1].finish_reason == "length"
+        assert deltas[-1].prompt_tokens > len(cont.token_ids)
+        assert all(d.tokenizer == fingerprint for d in deltas)
+    assert conts[0].text + one.text == conts[0].text + spec.text == whole
+    assert one.completion_tokens == 27
+
+
+def test_a_stop_string_across_the_boundary_ends_the_continuation():
+    """The previous engine held back the start of a stop string; the new tokens complete it."""
+
+    async def go():
+        engine = HFEngine(resolve_model("embedded:tiny-llama"))
+        await engine.start()
+        ids = ids_of(await collect(engine, greedy(40, **COMPLETION)))
+        whole = decode(engine, ids)
+
+        def stop_at(k: int) -> str:  # the last 2 characters of the first k tokens' text and the next 2
+            head = decode(engine, ids[:k])
+            return head[-2:] + whole[len(head):len(head) + 2]
+
+        # the first cut where that stop string first occurs across the boundary
+        k = next(k for k in range(10, 30) if len(stop_at(k)) == 4
+                 and whole.find(stop_at(k)) == len(decode(engine, ids[:k])) - 2)
+        head, stop = decode(engine, ids[:k]), stop_at(k)
+        cont = Continuation(head[:-3], ids[:k], engine.fingerprint)  # 3 = len(stop) - 1 held back
+        request = greedy(40 - k, **COMPLETION, stop=[stop], continuation=cont)
+        needed = next(n for n in range(1, 40 - k) if stop in decode(engine, ids[:k + n]))
+        return whole, cont, stop, needed, await collect(engine, request), await engine.generate(request)
+
+    whole, cont, stop, needed, deltas, done = run(go())
+    assert text_of(deltas) == done.text == whole[len(cont.text):whole.find(stop)]
+    assert deltas[-1].finish_reason == done.finish_reason == "stop"
+    assert deltas[-1].completion_tokens == done.completion_tokens == needed  # the job stopped there too
+
+
+@pytest.mark.parametrize("kind", [CHAT, COMPLETION], ids=["chat", "completion"])
+def test_a_text_continuation_when_the_tokenizers_differ(kind):
+    """Token ids from another tokenizer are not used: the text is tokenized again after the prompt.
+    For completions that is the request with the text appended to its prompt."""
+
+    async def go():
+        engine = HFEngine(resolve_model("embedded:tiny-llama"))
+        await engine.start()
+        full = await collect(engine, greedy(40, **kind))
+        cont = Continuation(text_of(full[:10]), ids_of(full[:10]), "other")
+        request = greedy(40 - len(cont.token_ids), **kind, continuation=cont)
+        deltas = await collect(engine, request)
+        appended = await engine.generate(greedy(40 - len(cont.token_ids), prompt=kind.get("prompt", "") + cont.text))
+        return request, deltas, appended, engine.tokenizer
+
+    request, deltas, appended, tok = run(go())
+    last = deltas[-1]
+    assert last.completion_tokens == request.max_tokens == len(ids_of(deltas))  # ignore_eos: all of them
+    assert last.prompt_tokens == len(tok.encode(prompt_text(request, tok), add_special_tokens=False))
+    if request.prompt is not None:
+        assert text_of(deltas) == appended.text
+
+
+@pytest.mark.parametrize("kind", [CHAT, COMPLETION], ids=["chat", "completion"])
+def test_mamba_continues_the_text_of_a_llama(kind):
+    """A stream moved to another architecture (the same tokenizer files, but sent as text)."""
+
+    async def go():
+        llama = HFEngine(resolve_model("embedded:tiny-llama"))
+        await llama.start()
+        cut = (await collect(llama, greedy(40, **kind)))[:10]
+        mamba = HFEngine(resolve_model("embedded:tiny-mamba"))
+        await mamba.start()
+        cont = Continuation(text_of(cut), [], None)
+        request = greedy(16, **kind, continuation=cont)
+        deltas = await collect(mamba, request)
+        appended = await mamba.generate(greedy(16, prompt=kind.get("prompt", "") + cont.text))
+        return request, deltas, appended, mamba.tokenizer
+
+    request, deltas, appended, tok = run(go())
+    assert deltas[-1].completion_tokens == 16 == len(ids_of(deltas))
+    assert deltas[-1].prompt_tokens == len(tok.encode(prompt_text(request, tok), add_special_tokens=False))
+    if request.prompt is not None:
+        assert text_of(deltas) == appended.text
+
+
+def test_an_answer_completes_a_character_the_previous_engine_cut():
+    """The previous engine's tokens end inside a character, which it did not send: the new one does."""
+    tok = AutoTokenizer.from_pretrained(resolve_model("embedded:tiny-llama"))
+    text = " naïve café ☃ snowman – done"
+    ids = tok.encode(text, add_special_tokens=False)
+    text_of_ids = functools.partial(tok.decode, skip_special_tokens=True)
+    k = next(k for k in range(1, len(ids)) if text_of_ids(ids[:k]).endswith("\ufffd"))
+    sent = len(text_of_ids(ids[:k])) - 1
+    answer = Answer(GenerationRequest("t"), Prompt([1] + ids[:k], answer_ids=ids[:k], sent=sent), text_of_ids)
+    pieces = [answer.add([t]) for t in ids[k:]]
+    assert "".join(pieces) + answer.rest() == text[sent:] and not any("\ufffd" in p for p in pieces)

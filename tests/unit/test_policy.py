@@ -11,7 +11,7 @@ from deployments.config import AppConfig
 from routing.config import Capability, Quality, RoutingConfig, Rule
 from routing.cost import CostModel
 from routing.features import Document, Features, count_pages, split_model, text_features
-from routing.policy import BackendState, Policy, RoutingError, choose_adapter
+from routing.policy import BackendState, Excluded, Exclusion, Policy, RoutingError, _no_route, choose_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -171,8 +171,64 @@ def test_no_route(policy: Policy, case, f, states, kind, text):
 def test_unhealthy_backend_is_skipped(policy: Policy):
     d = policy.decide(feat(tokens=5000), {"mamba": BackendState(healthy=False)})
     assert (d.backend, d.fallbacks) == ("transformer", ())
-    assert d.excluded == {"mamba": "unhealthy", "trm": "does not accept text input",
-                          "dinov2": "does not accept text input"}
+    assert d.excluded == {"mamba": Excluded(Exclusion.unhealthy, "unhealthy"),
+                          "trm": Excluded(Exclusion.modality, "does not accept text input"),
+                          "dinov2": Excluded(Exclusion.modality, "does not accept text input")}
+
+
+@pytest.mark.parametrize("case,f,states,name,kind,reason", [
+    ("modality", feat(), {}, "trm", Exclusion.modality, "does not accept text input"),
+    ("task", feat(task="code_repair"), {}, "mamba", Exclusion.task, "does not serve task code_repair"),
+    ("adapter", feat(model="auto:sql"), {}, "mamba", Exclusion.adapter, "has no adapter 'sql'"),
+    ("context", feat(tokens=9000), {}, "transformer", Exclusion.context,
+     "context 8192 < 9000 prompt + 64 new tokens"),
+    ("unhealthy", feat(), {"mamba": BackendState(healthy=False)}, "mamba", Exclusion.unhealthy, "unhealthy"),
+])
+def test_each_exclusion_has_a_kind_and_a_reason(policy: Policy, case, f, states, name, kind, reason):
+    excluded = policy.decide(f, states).excluded
+    assert excluded[name] == Excluded(kind, reason) and str(excluded[name]) == reason
+
+
+def x(kind: Exclusion) -> Excluded:
+    """An exclusion whose reason shares no word with today's wording."""
+    return Excluded(kind, "zzz reworded")
+
+
+# (case, features, exclusions, RoutingError kind, param): _no_route decides on kinds only
+NO_ROUTE = [
+    ("modality alone", feat(), {"a": x(Exclusion.modality)}, "invalid", "model"),
+    ("task alone", feat(), {"a": x(Exclusion.task)}, "invalid", "model"),
+    ("adapter, one asked for", feat(model="a:sql"), {"a": x(Exclusion.adapter)}, "not_found", "model"),
+    ("adapter with another kind", feat(model="auto:sql"), {"a": x(Exclusion.adapter), "b": x(Exclusion.context)},
+     "invalid", "messages"),
+    ("forbidden alone", feat(), {"a": x(Exclusion.forbidden)}, "forbidden", "model"),
+    ("forbidden, the rest cannot serve it", feat(), {"a": x(Exclusion.forbidden), "b": x(Exclusion.modality),
+                                                     "c": x(Exclusion.task)}, "forbidden", "model"),
+    ("forbidden, another too short", feat(), {"a": x(Exclusion.forbidden), "b": x(Exclusion.context)},
+     "invalid", "messages"),
+    ("forbidden, another unhealthy", feat(), {"a": x(Exclusion.forbidden), "b": x(Exclusion.unhealthy)},
+     "unavailable", None),
+    ("context alone", feat(), {"a": x(Exclusion.context)}, "invalid", "messages"),
+    ("unhealthy alone", feat(), {"a": x(Exclusion.unhealthy)}, "unavailable", None),
+    ("unhealthy with another kind", feat(), {"a": x(Exclusion.unhealthy), "b": x(Exclusion.context)},
+     "unavailable", None),
+]
+
+
+@pytest.mark.parametrize("case,f,excluded,kind,param", NO_ROUTE, ids=[c[0] for c in NO_ROUTE])
+def test_no_route_branches_on_the_kind_not_the_reason(case, f, excluded, kind, param):
+    err = _no_route(f, "text_generation", excluded)
+    assert (err.kind, err.param) == (kind, param)
+    assert "a zzz reworded" in err.message  # the reasons still reach people
+
+
+def test_every_exclusion_kind_maps_to_one_error_kind():
+    expected = {Exclusion.modality: "invalid", Exclusion.task: "invalid", Exclusion.adapter: "not_found",
+                Exclusion.forbidden: "forbidden", Exclusion.context: "invalid", Exclusion.unhealthy: "unavailable"}
+    assert set(expected) == set(Exclusion)
+    for kind, error in expected.items():
+        for reason in (x(kind).reason, str(kind), "unhealthy", "does not accept text", "context 1 < 2"):
+            assert _no_route(feat(model="a:sql"), "text_generation", {"a": Excluded(kind, reason)}).kind == error
 
 
 def test_load_lowers_the_score(policy: Policy):
@@ -241,7 +297,7 @@ def test_a_backend_too_short_for_the_prompt_is_a_degraded_last_resort(policy):
     d = policy.decide(feat(tokens=9000))
     assert d.candidates == ("mamba", "transformer")
     assert d.degraded == {"transformer": "context 8192 < 9000 prompt + 64 new tokens: the prompt's middle was cut"}
-    assert "transformer" in d.excluded  # never a full candidate
+    assert d.excluded["transformer"].kind is Exclusion.context  # never a full candidate
     assert policy.decide(feat(tokens=100)).degraded == {}
 
 

@@ -1,17 +1,25 @@
 """models.vllm_engine's translation from our config and requests to vLLM's arguments, without vLLM.
 
-The real engine runs in tests/vllm (`make test-vllm`); here only the pure functions, plus a check of
-the field names against vLLM's own AsyncEngineArgs where vllm imports.
+The real engine runs in tests/vllm (`make test-vllm`); here the pure functions, a check of the field
+names against vLLM's own AsyncEngineArgs where vllm imports, and VLLMEngine.stream over a fake
+AsyncLLM (continuing another engine's stream).
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import sys
+import types
 
 import pytest
+from transformers import AutoTokenizer
 
-from models.engine import GenerationRequest, InvalidRequest, prompt_text
+from models.checkpoints import resolve_model
+from models.engine import Continuation, GenerationRequest, InvalidRequest, prompt_text, tokenizer_fingerprint
 from models.vllm_engine import (
+    VLLMEngine,
     adapter_rank,
     check_speculation,
     engine_args,
@@ -134,3 +142,114 @@ def test_fields_are_vllms():
     from vllm import AsyncEngineArgs
 
     assert FIELDS <= {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+
+
+# --- VLLMEngine.stream on a fake AsyncLLM ----------------------------------------------------------
+
+SCRIPT = " naïve café ☃ snowman – done, and the rest of it"
+
+
+class ScriptLLM:
+    """vLLM's AsyncLLM as far as VLLMEngine.stream uses it, serving a model that always answers
+    SCRIPT: it goes on from the longest start of SCRIPT's tokens that ends the prompt, one token per
+    step, with each step's text as vLLM's detokenizer gives it (whole characters only). It ignores
+    stop strings, and records the prompts it is given and the requests aborted."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.script = tokenizer.encode(SCRIPT, add_special_tokens=False)
+        self.renderer = types.SimpleNamespace(render_cmpl=lambda prompts: prompts)
+        self.prompts: list[list[int]] = []
+        self.aborted: list[str] = []
+
+    def generate(self, prompt, params, rid, lora_request=None):
+        ids = prompt["prompt_token_ids"]
+        self.prompts.append(ids)
+        done = max(n for n in range(min(len(ids), len(self.script)) + 1) if ids[len(ids) - n:] == self.script[:n])
+        return self._outputs(self.script[done:done + params.max_tokens])
+
+    async def _outputs(self, tokens):
+        text = ""
+        for i, token in enumerate(tokens):
+            now = self.tokenizer.decode(tokens[:i + 1], skip_special_tokens=True)
+            piece, text = ("", text) if now.endswith("\ufffd") else (now[len(text):], now)
+            last = i == len(tokens) - 1
+            out = types.SimpleNamespace(text=piece, token_ids=[token], finish_reason="length" if last else None)
+            yield types.SimpleNamespace(finished=last, outputs=[out])
+
+    async def abort(self, rid: str) -> None:
+        self.aborted.append(rid)
+
+
+@pytest.fixture
+def scripted(monkeypatch) -> VLLMEngine:
+    """A VLLMEngine as start() leaves it, on ScriptLLM and tiny-llama's tokenizer; vllm is faked."""
+
+    @dataclasses.dataclass
+    class AsyncEngineArgs:
+        model: str
+        dtype: str
+
+    vllm = types.ModuleType("vllm")
+    vllm.AsyncEngineArgs, vllm.SamplingParams = AsyncEngineArgs, types.SimpleNamespace
+    params = types.ModuleType("vllm.sampling_params")
+    params.RequestOutputKind = types.SimpleNamespace(DELTA="delta")
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", params)
+    engine = VLLMEngine("tiny-llama", device="cpu", dtype="float32")
+    engine.tokenizer = AutoTokenizer.from_pretrained(resolve_model("embedded:tiny-llama"))
+    engine.fingerprint = tokenizer_fingerprint(engine.tokenizer)
+    engine.engine, engine.max_context = ScriptLLM(engine.tokenizer), 1024
+    return engine
+
+
+def collect(engine: VLLMEngine, request: GenerationRequest) -> list:
+    async def go():
+        return [d async for d in engine.stream(request)]
+
+    return asyncio.run(go())
+
+
+def scripted_request(max_tokens: int, **kw) -> GenerationRequest:
+    return GenerationRequest("t", prompt="say:", max_tokens=max_tokens, temperature=0, **kw)
+
+
+def test_vllm_stream_hands_out_every_token(scripted):
+    script = scripted.engine.script
+    deltas = collect(scripted, scripted_request(len(script)))
+    assert "".join(d.text for d in deltas) == SCRIPT
+    assert [t for d in deltas for t in d.token_ids] == script
+    assert all(d.tokenizer == scripted.fingerprint for d in deltas)
+    assert (deltas[-1].finish_reason, deltas[-1].completion_tokens) == ("length", len(script))
+
+
+def test_vllm_continues_a_stream_with_its_token_ids(scripted):
+    """Cut after every token, with all the text delivered that the ids make (less an incomplete
+    character) or with 2 characters held back: the continuation sends exactly the rest."""
+    script, prompt = scripted.engine.script, scripted.tokenizer.encode("say:", add_special_tokens=False)
+    for k in range(1, len(script)):
+        made = scripted.tokenizer.decode(script[:k], skip_special_tokens=True).removesuffix("\ufffd")
+        for text in (made, made[:-2]):
+            cont = Continuation(text, script[:k], scripted.fingerprint)
+            deltas = collect(scripted, scripted_request(len(script) - k, continuation=cont))
+            assert scripted.engine.prompts[-1] == prompt + script[:k]
+            assert text + "".join(d.text for d in deltas) == SCRIPT
+            assert script[:k] + [t for d in deltas for t in d.token_ids] == script
+            assert deltas[-1].completion_tokens == len(script) - k
+            assert deltas[-1].prompt_tokens == len(prompt) + k
+
+
+def test_vllm_continues_a_text_and_stops_across_the_boundary(scripted):
+    script = scripted.engine.script
+    cont = Continuation(" naïve", script[:5], "other")  # another tokenizer's ids: the text is tokenized again
+    request = scripted_request(6, continuation=cont)
+    deltas = collect(scripted, request)
+    assert scripted.engine.prompts[-1] == scripted.tokenizer.encode(prompt_text(request, scripted.tokenizer),
+                                                                     add_special_tokens=False)
+    assert deltas[-1].completion_tokens <= 6 and deltas[-1].tokenizer == scripted.fingerprint
+    # the previous engine held back "ca" of the stop string "café"; vLLM itself sees only "fé..."
+    assert scripted.tokenizer.decode(script[:7]) == " naïve ca"
+    cont = Continuation(" naïve ", script[:7], scripted.fingerprint)
+    deltas = collect(scripted, scripted_request(20, continuation=cont, stop=["café"]))
+    assert "".join(d.text for d in deltas) == "" and deltas[-1].finish_reason == "stop"
+    assert deltas[-1].completion_tokens < 20 and scripted.engine.aborted  # vLLM's request was ended
