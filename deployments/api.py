@@ -7,15 +7,36 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from routing.config import Task
 from routing.features import Document
 
 
 class Body(BaseModel):
-    # OpenAI clients send fields Switchyard does not use (presence_penalty, user...): ignored.
-    model_config = ConfigDict(extra="ignore")
+    # A field this server does not know is a 400 naming it (deployments.http.describe): a parameter the
+    # client relies on never vanishes. docs/api.md lists what is taken, refused and accepted as a no-op.
+    model_config = ConfigDict(extra="forbid")
+
+
+NOT_IMPLEMENTED = "not implemented by this server (docs/api.md lists the parameters it takes)"
+
+
+# OpenAI's parameters this server does not implement, with the values that turn them off: those are
+# accepted, any other is a 400 naming the parameter.
+NEUTRAL: dict[str, tuple] = {
+    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "logprobs": (False,),
+    "top_logprobs": (), "tools": ([],), "tool_choice": ("none",), "modalities": (["text"],), "functions": ([],),
+    "function_call": ("none",), "audio": (), "prediction": (), "reasoning_effort": (), "verbosity": (),
+    "web_search_options": (), "best_of": (1,), "suffix": (), "response_format": ({"type": "text"},),
+}
+
+
+def _off(value: Any, info: ValidationInfo) -> Any:
+    """Unset, or the value that turns the parameter off (of its own type: True is not 1)."""
+    if value is not None and not any(type(value) is type(n) and value == n for n in NEUTRAL[info.field_name]):
+        raise ValueError(NOT_IMPLEMENTED)
+    return value
 
 
 class DocumentIn(Body):
@@ -30,6 +51,8 @@ class TextPart(Body):
 
 class ImageURL(Body):
     url: str
+    detail: Literal["auto", "low", "high"] = Field(
+        "auto", description="Accepted; the classifier reads every image at its own resolution.")
 
 
 class ImagePart(Body):
@@ -73,6 +96,17 @@ class _Generation(Body):
     speculation: Literal["none", "prompt_lookup", "draft"] | None = Field(
         None, description="Speculative decoding for this request; the backend's configured default if unset."
     )
+    # OpenAI's parameters that do not change the answer: accepted.
+    user: str | None = Field(None, description="Accepted; not stored.")
+    metadata: dict[str, str] | None = Field(None, description="Accepted; not stored.")
+    store: bool | None = Field(None, description="Accepted; nothing is stored.")
+    service_tier: str | None = Field(None, description="Accepted; one tier.")
+    # OpenAI's parameters this server does not implement: a 400 unless at the value that turns them off.
+    frequency_penalty: float | None = Field(None, description="Not implemented: 0 or unset only.")
+    presence_penalty: float | None = Field(None, description="Not implemented: 0 or unset only.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not implemented: empty or unset only.")
+
+    _neutral = field_validator("frequency_penalty", "presence_penalty", "logit_bias")(_off)
 
     @field_validator("stop")
     @classmethod
@@ -89,6 +123,25 @@ class _Generation(Body):
 class ChatCompletionRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; no tools are taken.")
+    # not implemented yet (issue 23): refused unless off
+    logprobs: bool | None = Field(None, description="Not implemented: false or unset only.")
+    top_logprobs: int | None = Field(None, description="Not implemented: unset only.")
+    response_format: dict[str, Any] | None = Field(None, description='Not implemented: {"type": "text"} only.')
+    tools: list[dict[str, Any]] | None = Field(None, description="Not implemented: empty or unset only.")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='Not implemented: "none" or unset only.')
+    modalities: list[str] | None = Field(None, description='["text"] or unset only.')
+    functions: list[dict[str, Any]] | None = Field(None, description="Not implemented (deprecated by OpenAI).")
+    function_call: str | dict[str, Any] | None = Field(None, description="Not implemented (deprecated by OpenAI).")
+    audio: dict[str, Any] | None = Field(None, description="Not implemented.")
+    prediction: dict[str, Any] | None = Field(None, description="Not implemented.")
+    reasoning_effort: str | None = Field(None, description="Not implemented.")
+    verbosity: str | None = Field(None, description="Not implemented.")
+    web_search_options: dict[str, Any] | None = Field(None, description="Not implemented.")
+
+    _chat_neutral = field_validator("logprobs", "top_logprobs", "tools", "tool_choice", "modalities", "functions",
+                                    "function_call", "audio", "prediction", "reasoning_effort", "verbosity",
+                                    "web_search_options", "response_format")(_off)
 
     def new_tokens(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
@@ -97,6 +150,12 @@ class ChatCompletionRequest(_Generation):
 class CompletionRequest(_Generation):
     prompt: str
     echo: Literal[False] = False
+    # not implemented: refused unless off
+    logprobs: int | None = Field(None, description="Not implemented yet: unset only.")
+    best_of: int | None = Field(None, description="Not implemented: 1 or unset only.")
+    suffix: str | None = Field(None, description="Not implemented: unset only.")
+
+    _completion_neutral = field_validator("best_of", "suffix", "logprobs")(_off)
 
     def new_tokens(self, default: int) -> int:
         return self.max_tokens or default
@@ -146,6 +205,12 @@ def now() -> int:
 
 
 # --- response shapes -------------------------------------------------------------------
+
+
+def model_card(id_: str, created: int, switchyard: dict[str, Any], parent: str | None = None) -> dict[str, Any]:
+    """An OpenAI model object, with Switchyard's own details under `switchyard`."""
+    card = {"id": id_, "object": "model", "created": created, "owned_by": "switchyard"}
+    return card | ({"parent": parent} if parent else {}) | {"switchyard": switchyard}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

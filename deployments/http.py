@@ -105,7 +105,11 @@ def describe(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         if e.get("type") == "json_invalid":
             return f"request body is not valid JSON: {e.get('ctx', {}).get('error', e['msg'])}", None
         param = param or loc or None
-        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown parameter; docs/api.md lists the parameters this server takes"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts) or "invalid request", param
 
 

@@ -7,13 +7,11 @@ import asyncio
 import json
 import logging
 import time
-import weakref
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import RayServeException
@@ -21,17 +19,18 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments import http
 from deployments.api import (ChatCompletionRequest, Chunks, ClassifyRequest, CompletionRequest, RefineRequest,
-                             completion_body, new_id, now)
+                             completion_body, model_card, new_id, now)
 from deployments.config import AppConfig
-from deployments.dispatch import Call, Dispatcher, Opened
+from deployments.dispatch import Call, Dispatcher
 from deployments.http import ApiError
 from deployments.records import Outcome, Records
+from deployments.streams import sse_response
 from deployments.replicas import ReplicaWatch, serve_fetch
 from models import code_grid
 from models.checkpoints import resolve_model
-from models.engine import Completion, Delta, GenerationRequest
+from models.engine import Completion, GenerationRequest
 from routing import outcome
-from routing.access import Access, RateLimiter
+from routing.access import Access, Caller, RateLimiter
 from routing.breaker import CircuitBreaker
 from routing.config import TASKS
 from routing.features import Features, split_model, text_features
@@ -64,41 +63,6 @@ class Repair(Call):
                       "confidence": None, "completion_tokens": result.completion_tokens,
                       "finish_reason": result.finish_reason}
         return result, None if result["valid"] else "the repaired code does not parse"
-
-
-def _dropped(records: Records, out: Outcome, opened: Opened) -> None:
-    """Starlette dropped the events without starting them (the client left before the first byte went
-    out), so `_events`' finally never ran: the backend's generation is cancelled and the stream ended."""
-    if not out.ended:
-        opened.gen.cancel()
-        records.ended(out)
-
-
-async def _events(records: Records, out: Outcome, pieces: AsyncIterator[Delta | outcome.Verdict], chunks: Chunks,
-                  include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI chunk events, ending with `data: [DONE]`: the routing summary on the first chunk and on
-    the finishing one (with any migration). Starlette cancels it when the client goes away, which
-    cancels the backend's generation."""
-    extra: dict[str, Any] = {"switchyard": out.body()}
-    try:
-        if chunks.chat:
-            yield chunks.piece("", role=True, **extra)
-            extra = {}
-        async for piece in pieces:
-            if isinstance(piece, outcome.Verdict):
-                yield chunks.error(piece.message, piece.type)
-                break
-            if piece.text:
-                yield chunks.piece(piece.text, **extra)
-                extra = {}
-            if piece.finish_reason is not None:
-                yield chunks.piece(None if chunks.chat else "", piece.finish_reason, switchyard=out.body())
-                if include_usage:
-                    yield chunks.usage(piece.prompt_tokens, piece.completion_tokens)
-        yield Chunks.DONE
-    finally:
-        await pieces.aclose()
-        records.ended(out)
 
 
 # serve.ingress pickles the app when it decorates: everything the class uses is defined above.
@@ -256,10 +220,8 @@ class Router:
                 model = opened.backend if f.adapter is None else f"{opened.backend}:{f.adapter}"
                 out.streaming = True
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = _events(self.records, out, self.dispatch.relay(out, req, opened), Chunks(chat, model),
-                                 include_usage)
-                weakref.finalize(events, _dropped, self.records, out, opened)
-                return StreamingResponse(events, media_type="text/event-stream", headers=out.headers())
+                return sse_response(self.records, out, self.dispatch.relay(out, req, opened), opened,
+                                    Chunks(chat, model), include_usage)
             result: Completion = await self.dispatch.call(out, Call("generate", req))
             out.usage = (result.prompt_tokens, result.completion_tokens)
             model = out.served_by if f.adapter is None else f"{out.served_by}:{f.adapter}"
@@ -336,20 +298,31 @@ class Router:
     @app.get("/v1/models")
     async def models(self, request: Request):
         """The backends and adapters this caller may use."""
-        caller = http.caller(request)
-        backends = [b for b in self.cfg.backends if caller.may_use(b.name)]
+        return {"object": "list", "data": await self._cards(http.caller(request))}
+
+    @app.get("/v1/models/{model}")
+    async def model(self, request: Request, model: str):
+        """One of /v1/models' entries: `auto`, a backend, or `backend:adapter`."""
+        backend = model.partition(":")[0]
+        cards = await self._cards(http.caller(request), backend if backend in self.handles else None)
+        card = next((c for c in cards if c["id"] == model), None)
+        if card is None:
+            raise ApiError(404, f"model {model!r} does not exist, or this caller may not use it", "model_not_found",
+                           "model")
+        return card
+
+    async def _cards(self, caller: Caller, only: str | None = None) -> list[dict[str, Any]]:
+        """Model objects for `auto` and every backend and adapter the caller may use (`only`: that backend's)."""
+        backends = [b for b in self.cfg.backends if caller.may_use(b.name) and only in (None, b.name)]
         infos = await asyncio.gather(*(self._info(b.name) for b in backends))
-        data = [{"id": "auto", "object": "model", "created": self.started, "owned_by": "switchyard",
-                 "switchyard": {"kind": "router", "backends": [b.name for b in backends]}}]
+        data = [model_card("auto", self.started, {"kind": "router", "backends": [b.name for b in backends]})]
         for b, info in zip(backends, infos):
-            meta = {"kind": b.kind, **info, "circuit": self.breakers[b.name].state,
-                    "in_flight": self.states[b.name].in_flight, "capability": b.capability.model_dump()}
-            data.append({"id": b.name, "object": "model", "created": self.started, "owned_by": "switchyard",
-                         "switchyard": meta})
-            for a in (a for a in getattr(b, "adapters", {}) if caller.may_use(b.name, a)):
-                data.append({"id": f"{b.name}:{a}", "object": "model", "created": self.started,
-                             "owned_by": "switchyard", "parent": b.name, "switchyard": {"kind": "adapter"}})
-        return {"object": "list", "data": data}
+            data.append(model_card(b.name, self.started, {
+                "kind": b.kind, **info, "circuit": self.breakers[b.name].state,
+                "in_flight": self.states[b.name].in_flight, "capability": b.capability.model_dump()}))
+            data += [model_card(f"{b.name}:{a}", self.started, {"kind": "adapter"}, parent=b.name)
+                     for a in getattr(b, "adapters", {}) if caller.may_use(b.name, a)]
+        return data
 
     async def _info(self, name: str) -> dict[str, Any]:
         try:

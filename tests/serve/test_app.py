@@ -588,6 +588,44 @@ def test_openai_client(oai):
         oai.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
 
 
+def test_models_retrieve(oai, client):
+    m = oai.models.retrieve("transformer")
+    assert (m.id, m.object, m.owned_by) == ("transformer", "model", "switchyard")
+    adapter = client.get("/v1/models/transformer:pydoc").json()
+    assert adapter["parent"] == "transformer" and adapter["switchyard"] == {"kind": "adapter"}
+    assert client.get("/v1/models/auto").json()["switchyard"]["kind"] == "router"
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("gpt-9")
+    assert_openai_error(client.get("/v1/models/transformer:nothing"), 404)
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("extra", [
+    {"logprobs": True, "top_logprobs": 2}, {"response_format": {"type": "json_object"}},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, {"tool_choice": "auto"},
+    {"presence_penalty": 0.5}, {"logit_bias": {"50256": -100}}, {"n": 2}, {"audio": {"voice": "alloy"}},
+])
+def test_a_parameter_this_server_does_not_implement_is_a_400_naming_it(oai, extra):
+    """Sent through the official client: none is answered as if it had been honoured."""
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model="transformer", messages=HI, max_tokens=2, **extra)
+    assert err.value.body["param"] == next(iter(extra))
+
+
+def test_unknown_and_no_op_parameters(client):
+    r = client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 2, "frobnicate": 1})
+    err = assert_openai_error(r, 400)
+    assert err["param"] == "frobnicate" and "unknown parameter" in err["message"]
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "logprobs": 1})
+    assert assert_openai_error(r, 400)["param"] == "logprobs"
+    ok = {"user": "u-1", "metadata": {"k": "v"}, "store": False, "presence_penalty": 0, "logprobs": False,
+          "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "parallel_tool_calls": False}
+    r = client.post("/v1/chat/completions", json={"model": "transformer", "messages": HI, "max_tokens": 2} | ok)
+    assert r.status_code == 200, r.text
+
+
 # --- fallback -------------------------------------------------------------------------
 
 

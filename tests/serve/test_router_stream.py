@@ -9,7 +9,7 @@ from deployments.api import Chunks
 from deployments.config import RouterConfig
 from deployments.dispatch import Opened
 from deployments.records import Outcome, Records
-from deployments.router import _dropped, _events
+from deployments.streams import _dropped, _events
 from models.engine import Delta
 from routing.access import ANONYMOUS
 from routing.policy import Decision
