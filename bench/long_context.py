@@ -36,12 +36,12 @@ import datetime
 import json
 import multiprocessing
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import scipy.optimize
 import torch
 from transformers import AutoTokenizer
 
@@ -112,6 +112,8 @@ async def calibrate(name: str, engine: Engine, texts: dict[int, str], repeats: i
 def _nonnegative_fit(x: np.ndarray, y: list[float], degree: int) -> list[float]:
     """Least-squares polynomial coefficients (constant first), all >= 0: costs do not fall as the
     context grows, and the router extrapolates beyond the measured range (up to 65k for mamba)."""
+    import scipy.optimize  # here: the measuring processes (.venv-vllm's among them) need not have it
+
     scale = x.max()  # columns of similar size, for a well-conditioned solve
     vander = np.vander(x / scale, degree + 1, increasing=True)
     coefficients, _ = scipy.optimize.nnls(vander, np.asarray(y, dtype=float))
@@ -169,9 +171,13 @@ def run(contexts: list[int], new: list[int], repeats: int, config: Path = CONFIG
     cases = {(context, n): tok.decode(ids[:context - n - 1]) for context in contexts for n in new if n < context}
     stamp = f"python -m bench.long_context, {torch.get_num_threads()} threads, {datetime.date.today()}"
     results = {}
-    for name in BACKENDS:  # one at a time, each in a fresh process
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    for name in BACKENDS:  # one at a time, each in a fresh process, on the interpreter Serve would give it
+        context = multiprocessing.get_context("spawn")
+        runtime_env = app.backend(name).deployment.ray_actor_options.get("runtime_env") or {}
+        context.set_executable(runtime_env.get("py_executable", sys.executable))  # .venv-vllm for vLLM
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
             results[name] = pool.submit(measure, name, config, texts, cases, repeats, grid_repeats).result()
+        context.set_executable(sys.executable)
     curves = {name: r["curve"] for name, r in results.items()}
     costs = {name: fit(curve, stamp) for name, curve in curves.items()}
 

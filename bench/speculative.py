@@ -3,8 +3,8 @@ case: latency of a lone request). Prompts are code-editing chat tasks ("Rewrite 
 "Fix this code") on blocks of held-out stdlib files the models never trained on.
 
 Methods, each prompt run by every method in turn (side by side, so machine noise hits all alike):
-  none, prompt_lookup, draft      the hf engine (models/speculative.py's loop), as serve_config.yaml
-                                  configures the transformer backend
+  none, prompt_lookup, draft      the hf engine (models/speculative.py's loop) on the backend's model,
+                                  with its engine_kwargs where the backend runs the hf engine
   hf_prompt_lookup, hf_draft      transformers' own generate(prompt_lookup_num_tokens=...) and
                                   generate(assistant_model=...), for comparison
 
@@ -52,7 +52,7 @@ def prompts(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
 
 async def run(n: int, tokens: int, backend: str = "transformer") -> dict:
     cfg = AppConfig.from_serve_config().backend(backend)
-    kwargs = dict(cfg.engine_kwargs)
+    kwargs = dict(cfg.engine_kwargs) if cfg.engine == "hf" else {}  # the hf engine's own loop, on this model
     engine = HFEngine(resolve_model(cfg.model), **kwargs)
     await engine.start()
     model, tok, draft = engine.model, engine.tokenizer, engine.draft

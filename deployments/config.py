@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from routing.access import AuthConfig
 from routing.config import Capability, RoutingConfig
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: relative interpreter paths start here
 
 
 class Strict(BaseModel):
@@ -26,7 +28,9 @@ class DeploymentOptions(Strict):
     max_ongoing_requests: int = Field(8, gt=0, description="Requests one replica runs at once.")
     max_queued_requests: int = Field(-1, ge=-1, description="Requests a caller may queue; -1 is unbounded.")
     ray_actor_options: dict[str, Any] = Field(
-        default_factory=dict, description="num_cpus, num_gpus, resources (custom node resources), memory."
+        default_factory=dict, description="num_cpus, num_gpus, resources (custom node resources), memory, and "
+        "runtime_env: `py_executable` runs the replica on another interpreter (the vLLM venv, .venv-vllm, which "
+        "`make setup` builds); a relative path is taken from the repository root."
     )
     autoscaling_config: dict[str, Any] | None = Field(None, description="Serve autoscaling (min/max replicas...).")
     health_check_period_s: float = Field(10, gt=0, description="Seconds between check_health calls.")
@@ -35,6 +39,18 @@ class DeploymentOptions(Strict):
     logging_config: dict[str, Any] | None = Field(
         None, description="Serve's LoggingConfig: log_level, encoding, enable_access_log, logs_dir."
     )
+
+    @field_validator("ray_actor_options")
+    @classmethod
+    def _interpreter(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """A runtime_env py_executable made absolute, and there: a missing venv fails at start, not in a replica."""
+        python = (options.get("runtime_env") or {}).get("py_executable")
+        if python is None:
+            return options
+        path = Path(python) if Path(python).is_absolute() else ROOT / python
+        if not path.exists():
+            raise ValueError(f"runtime_env.py_executable {python} does not exist: `make setup` builds .venv-vllm")
+        return options | {"runtime_env": options["runtime_env"] | {"py_executable": str(path)}}
 
     def options(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

@@ -65,6 +65,9 @@ def resolve_model(ref: str) -> str:
     return ref
 
 
+CONVERSION = "v2"  # in the directory's name: v2 drops the GGUF quantization_config from config.json
+
+
 def from_gguf(path: Path, cache: Path | None = None) -> Path:
     """The safetensors directory converted from the GGUF file at `path`, made on first use. Keyed by
     the file's sha256, so a changed file is converted again; one process converts while the others
@@ -73,7 +76,7 @@ def from_gguf(path: Path, cache: Path | None = None) -> Path:
     with path.open("rb") as f:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
-    out = (cache or CACHE_DIR) / "gguf" / f"{path.stem}-{digest.hexdigest()[:16]}"
+    out = (cache or CACHE_DIR) / "gguf" / f"{path.stem}-{digest.hexdigest()[:16]}-{CONVERSION}"
     if (out / "config.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,8 +103,11 @@ def _convert(path: Path, out: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    # save_pretrained refuses a model loaded from GGUF: the same weights in a model built from its config
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    # save_pretrained refuses a model loaded from GGUF: the same weights in a model built from its config,
+    # without the GGUF quantization_config (the weights are float32 now; vLLM refuses a "gguf" method)
+    config = loaded.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
     model.save_pretrained(out)

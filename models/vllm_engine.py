@@ -150,6 +150,7 @@ class VLLMEngine(Engine):
         self.engine: Any = None  # vllm AsyncLLM
         self.tokenizer: Any = None
         self.fingerprint = ""  # tokenizer_fingerprint(self.tokenizer), once started
+        self.architecture: str | None = None  # the model's model_type, once started
         self._loras: dict[str, Any] = {}  # adapter name -> LoRARequest
         self._ids = itertools.count()
         # From vLLM's own scheduler stats (a stat logger, below): requests waiting, engine steps run,
@@ -180,6 +181,7 @@ class VLLMEngine(Engine):
         self.tokenizer = self.engine.get_tokenizer()
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.max_context = self.engine.model_config.max_model_len
+        self.architecture = self.engine.model_config.hf_config.model_type
         # int ids must be unique per adapter for the engine's lifetime: vLLM caches adapters by id.
         self._loras = {name: LoRARequest(name, i, path)
                        for i, (name, path) in enumerate(self.adapter_paths.items(), start=1)}
@@ -211,6 +213,7 @@ class VLLMEngine(Engine):
             "engine": "vllm",
             "vllm": __version__,
             "model": self.model_ref,
+            "architecture": self.architecture,
             "device": self.device,
             "dtype": self.dtype,
             "kernel": None,

