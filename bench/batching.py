@@ -1,13 +1,16 @@
-"""Dynamic batching in the transformer deployment: `concurrency` streamed requests of `tokens` new
-tokens sent together, against the same requests sent one at a time, through a Serve handle to the
-deployment as serve_config.yaml configures it (batching on). Greedy, ignore_eos so every request
-makes exactly `tokens` tokens.
+"""Batching in an LM deployment: `concurrency` streamed requests of `tokens` new tokens sent together,
+against the same requests sent one at a time (concurrency 1), through a Serve handle to the deployment
+as serve_config.yaml configures it. Greedy, ignore_eos so every request makes exactly `tokens` tokens.
+The transformer batches statically (one generate() per batch); the mamba backend (`--backend mamba`,
+a Mamba-1 on the reference path) batches continuously (models/hf_engine.py).
 
-    python -m bench.batching [--concurrency 16] [--tokens 64]
+    python -m bench.batching [--backend transformer|mamba] [--concurrency 16] [--tokens 64]
 
-Last line: one JSON object with concurrency, sequential_tok_s, batched_tok_s, ratio, ttft_p50_ms
-(time to the first streamed piece, batched run) and itl_p50_ms (mean gap between a request's
-pieces, median over requests, batched run).
+Last line: one JSON object with concurrency, sequential_tok_s and batched_tok_s (output tokens/s at
+concurrency 1 and at `concurrency`), ratio (their quotient), ttft_p50_ms and sequential_ttft_p50_ms
+(time to the first streamed piece, median over requests, at `concurrency` and at 1), ttft_ratio (their
+quotient), itl_p50_ms (mean gap between a request's pieces, median over requests), and the engine's
+continuous_batching flag as its replica reports it.
 """
 
 from __future__ import annotations
@@ -63,10 +66,12 @@ async def measure(handle, concurrency: int, tokens: int) -> dict:
         "batched_tok_s": round(batched_tok_s, 1),
         "ratio": round(batched_tok_s / seq_tok_s, 2),
         "ttft_p50_ms": round(statistics.median(r[0] for r in together) * 1e3, 1),
+        "ttft_ratio": round(statistics.median(r[0] for r in together) / statistics.median(r[0] for r in seq), 2),
         "itl_p50_ms": round(statistics.median(r[1] for r in together) * 1e3, 2),
         "sequential_ttft_p50_ms": round(statistics.median(r[0] for r in seq) * 1e3, 1),
         "sequential_itl_p50_ms": round(statistics.median(r[1] for r in seq) * 1e3, 2),
         "all_tokens_made": all(r[2] == tokens for r in seq + together),
+        "continuous_batching": (await handle.info.remote()).get("continuous_batching", False),
     }
 
 
@@ -74,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--backend", default="transformer")
+    parser.add_argument("--backend", default="transformer", help="an lm backend of serve_config.yaml")
     args = parser.parse_args()
 
     import ray

@@ -10,9 +10,9 @@ Methods, each prompt run by every method in turn (side by side, so machine noise
 
     python -m bench.speculative [--prompts 12] [--tokens 128] [--backend transformer|mamba]
 
---backend mamba: the Mamba backend, methods none (a lone request on the reference path runs the
-speculation loop with no guesses, models/hf_engine.py) and prompt_lookup (its speculation rolls the
-SSM state back, models/mamba.py), and hf_generate: transformers' own greedy generate(), which has no
+--backend mamba: the Mamba backend, methods none (on the reference path a request goes through the
+engine's continuous batching, alone here, models/hf_engine.py) and prompt_lookup (its speculation rolls
+the SSM state back, models/mamba.py), and hf_generate: transformers' own greedy generate(), which has no
 speculative path for Mamba, for comparison with the engine's plain path.
 
 Last line: one JSON object: tokens/s of each engine method (total tokens over total seconds),
@@ -102,7 +102,7 @@ async def run(n: int, tokens: int, backend: str = "transformer") -> dict:
             "prompt_lookup_speedup": round(rate["prompt_lookup"] / rate["none"], 2),
             "acceptance_rate": round(accepted["prompt_lookup"][0] / max(1, accepted["prompt_lookup"][1]), 3),
             "identical": same["prompt_lookup"],
-            # transformers' generate(), which the engine's plain path replaces for a lone Mamba request
+            # transformers' generate(), which the engine's continuous batching replaces for a Mamba
             "hf_generate_tok_s": round(rate["hf_generate"], 1),
             "prompt_lookup_speedup_over_hf_generate": round(rate["prompt_lookup"] / rate["hf_generate"], 2),
             "hf_generate_identical": same["hf_generate"],

@@ -7,6 +7,14 @@ A stopping criterion follows every row: it hands each new token to its request's
 and ends the row at its own max_tokens, stop string or cancellation (client gone, deadline passed),
 so one request never holds the others back beyond the batch it is in.
 
+A Mamba-1 on the PyTorch reference path is batched continuously instead: a request's state is a
+fixed-size tensor per layer, so it can join a running batch at any step. Each joining request is
+prefilled alone from zero state (models.mamba.forward) and picks its first token there, its state
+rows are appended to the batch's, the batch decodes one token per row per step, and a finished row
+leaves at once. Rows share the adapter only; each samples with its own temperature and top_p (a
+seeded one from its own generator). A request for another adapter, or a speculating one, waits until
+the batch drains (no request behind it joins meanwhile, so it is not starved).
+
 Speculative decoding (per request or by default): prompt lookup or a draft model, through
 models.speculative, one request at a time; greedy output is identical to plain decoding. Mamba-1
 models speculate too, with the SSM state rolled back to the last accepted token (models.mamba).
@@ -82,9 +90,14 @@ class _Job:
 
     @property
     def key(self) -> tuple | None:
-        """Jobs with equal keys can share a batch; None runs alone."""
+        """Jobs with equal keys can share a batch; None runs alone. Rows of a continuous batch pick
+        their tokens on their own, so only the adapter (model-wide) must agree there."""
         r = self.request
-        if self.speculation != "none" or r.seed is not None:
+        if self.speculation != "none":
+            return None
+        if self.engine.continuous:
+            return (r.adapter,)
+        if r.seed is not None:
             return None
         return (r.adapter, r.temperature > 0, r.temperature, r.top_p, r.ignore_eos)
 
@@ -166,13 +179,15 @@ class HFEngine(Engine):
         self._max_context = max_context
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-generate")
         self.model = self.tokenizer = self.draft = self.draft_lean = None
+        self.continuous = False  # continuous batching (a Mamba-1 on the reference path), known once loaded
         self.fingerprint = ""  # tokenizer_fingerprint(self.tokenizer), once loaded
         self._loaded: OrderedDict[str, None] = OrderedDict()  # adapters in the model, least recent first
-        self._waiting: list[_Job] = []
+        self._waiting: list[_Job] = []  # oldest first; a continuous batch takes from it on the engine thread
+        self._lock = threading.Lock()  # guards _waiting
         self._wake = asyncio.Event()
         self._batcher: asyncio.Task | None = None
         self.running = 0  # jobs in the batch that is generating now
-        self.batches = 0  # generate() calls so far
+        self.batches = 0  # batches so far: generate() calls, or continuous batches from first row until drained
         self.generated = 0  # tokens handed to requests so far
         self.spec_stats = speculative.Stats()  # speculation rounds, guesses checked and kept
 
@@ -192,9 +207,9 @@ class HFEngine(Engine):
         if cfg.model_type == "mamba" and mamba_kernel_path(cfg.model_type, self.device) == "reference":
             mamba.use_fast_conv()
         self.can_speculate = speculative.supports(self.model)
-        # A lone request on Mamba's reference path decodes through models.speculative's loop with no
-        # guesses: about 1.3x transformers' generate() here (bench.speculative --backend mamba).
-        self.lone_loop = mamba_kernel_path(cfg.model_type, self.device) == "reference" and cfg.model_type == "mamba"
+        # Continuous batching through models.mamba's forward from a state (Mamba-1 on the reference path;
+        # the CUDA kernels and Mamba-2 keep transformers' generate()).
+        self.continuous = mamba_kernel_path(cfg.model_type, self.device) == "reference" and cfg.model_type == "mamba"
         if not self.can_speculate and self.speculation != "none":
             raise ValueError(f"speculative decoding is not available for {cfg.model_type} models (Mamba-1 and "
                              "attention models only)")
@@ -224,7 +239,7 @@ class HFEngine(Engine):
             "adapters_loaded": list(self._loaded),
             "max_batch_size": self.max_batch_size,
             "speculation": self.speculation,
-            "lone_request_loop": self.lone_loop,
+            "continuous_batching": self.continuous,
             "draft_model": self.draft_ref,
             "running": self.running,
             "waiting": len(self._waiting),
@@ -263,7 +278,8 @@ class HFEngine(Engine):
     def _submit(self, req: GenerationRequest) -> _Job:
         prompt = self._encode(req)
         job = _Job(req, prompt, torch.tensor([prompt.ids]), self._speculation(req), asyncio.get_running_loop(), self)
-        self._waiting.append(job)
+        with self._lock:
+            self._waiting.append(job)
         self._wake.set()
         return job
 
@@ -275,7 +291,8 @@ class HFEngine(Engine):
             await self._wake.wait()
             self._wake.clear()
             while self._waiting:
-                await self._gather()
+                if not self.continuous:  # a continuous batch takes latecomers at its next step
+                    await self._gather()
                 batch = self._take_batch()
                 if not batch:
                     continue
@@ -298,32 +315,51 @@ class HFEngine(Engine):
 
     def _take_batch(self) -> list[_Job]:
         """The oldest waiting job and the others that can share its batch; drops cancelled jobs."""
-        for job in [j for j in self._waiting if j.cancel.is_set()]:
-            self._waiting.remove(job)
-            job.close()
-        if not self._waiting:
-            return []
-        key = self._waiting[0].key
-        if key is None:
-            batch = [self._waiting[0]]
-        else:
-            batch = [j for j in self._waiting if j.key == key][: self.max_batch_size]
-        for job in batch:
-            self._waiting.remove(job)
+        with self._lock:
+            for job in [j for j in self._waiting if j.cancel.is_set()]:
+                self._waiting.remove(job)
+                job.close()
+            if not self._waiting:
+                return []
+            key = self._waiting[0].key
+            if key is None:
+                batch = [self._waiting[0]]
+            else:
+                batch = [j for j in self._waiting if j.key == key][: self.max_batch_size]
+            for job in batch:
+                self._waiting.remove(job)
         return batch
 
+    def _join(self, key: tuple, room: int) -> list[_Job]:
+        """Up to `room` waiting jobs that join a running continuous batch of `key`, oldest first; the
+        first that cannot join (another adapter, a speculating request) stops the intake, so that the
+        batch drains and it runs next. Drops cancelled jobs on the way. Runs on the engine thread."""
+        joining: list[_Job] = []
+        with self._lock:
+            while self._waiting and len(joining) < room:
+                job = self._waiting[0]
+                if job.cancel.is_set():
+                    self._waiting.pop(0).close()
+                elif job.key == key:
+                    joining.append(self._waiting.pop(0))
+                else:
+                    break
+        return joining
+
     def _run(self, jobs: list[_Job]) -> None:
-        """Generates for a batch (or one speculating job) on the engine's thread. Every job is closed at the end."""
+        """Generates for a batch (or one speculating job) on the engine's thread. Every job is closed at
+        the end; a continuous batch keeps `jobs` the list of the jobs it has in flight."""
         self.batches += 1
         first = jobs[0].request
         try:
-            if first.seed is not None:
-                torch.manual_seed(first.seed)
             with torch.inference_mode(), self._adapter(first.adapter):
+                if jobs[0].speculation == "none" and self.continuous:
+                    self._continuous(jobs)
+                    return
+                if first.seed is not None:  # a seeded job runs alone outside continuous batches (key None)
+                    torch.manual_seed(first.seed)
                 if jobs[0].speculation != "none":
                     self._speculate(jobs[0])
-                elif len(jobs) == 1 and self.lone_loop:
-                    self._speculate(jobs[0], speculative.NoGuesses())
                 else:
                     self._generate(jobs)
         except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the engine
@@ -335,10 +371,11 @@ class HFEngine(Engine):
                 job.close()
 
     async def on_engine_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Runs `fn(*args)` on the thread that generates, after the work queued there. torch's thread
-        pool belongs to the thread that calls it: computing on a second thread starts a second pool,
-        and the two compete for the cores (bench.speculative ran every method about 2x slower when
-        transformers' generate() ran on its main thread)."""
+        """Runs `fn(*args)` on the thread that generates, after the work queued there (a continuous
+        batch holds the thread until it drains). torch's thread pool belongs to the thread that calls
+        it: computing on a second thread starts a second pool, and the two compete for the cores
+        (bench.speculative ran every method about 2x slower when transformers' generate() ran on its
+        main thread)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def _decode(self, tokens: list[int]) -> str:
@@ -368,20 +405,80 @@ class HFEngine(Engine):
             kwargs["min_new_tokens"] = kwargs["max_new_tokens"]
         self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
 
-    def _speculate(self, job: _Job, proposer: speculative.Proposer | None = None) -> None:
-        """One request through models.speculative with the prompt-lookup or draft proposer (or `proposer`)."""
+    def _continuous(self, jobs: list[_Job]) -> None:
+        """Continuous batching (Mamba-1, reference path) until no row is left and no waiting job can
+        join. Each step: the jobs that join (_join) are prefilled one by one from zero state, the
+        shortest prompt first, and pick their first token; those not done by then add their state row
+        to the batch's; then every row decodes one token, and the rows that are done (_Job.advance)
+        leave. `jobs` is kept the list of the jobs in flight (those joining included), so that a failure
+        ends exactly those; the rows of `state`, `picks` and `last` follow its order.
+
+        Prefilling the joining prompts together, left-padded and masked, was slower on this CPU: for
+        bench.batching's 16 prompts (6 to 16 tokens, tiny-mamba, one thread) one forward took 39 to 59 ms,
+        one forward per prompt 31 to 35 ms in all, and each first token came only at the end."""
+        key, eos, device = jobs[0].key, self.tokenizer.eos_token_id, self.device
+        joining, picks, last = list(jobs), [], []  # picks: each row's sampler (None: greedy); last: its last token
+        state: mamba.State | None = None  # the rows' states, (rows, ...) per layer
+        jobs.clear()
+        while joining or jobs:
+            rows_before, added = len(jobs), []
+            jobs.extend(joining)  # in flight from here, so that a failure ends them too
+            for job in sorted(joining, key=lambda j: j.ids.shape[1]):  # the shortest first: sooner first tokens
+                logits, prefilled = mamba.forward(self.model, job.ids.to(device), logits_to_keep=1)
+                pick = self._sampler(job.request)
+                token = self._pick([job], [pick], logits[:, -1])[0]
+                if not job.advance([token], eos, self._decode):
+                    added.append(job)
+                    picks.append(pick)
+                    last.append(token)
+                    state = prefilled if state is None else mamba.State.cat([state, prefilled])
+            jobs[rows_before:] = added  # in the order of their rows in `state`
+            self.running = len(jobs)
+            if jobs:
+                logits, state = mamba.forward(self.model, torch.tensor(last, device=device)[:, None], state)
+                last = self._pick(jobs, picks, logits[:, -1])
+                done = [job.advance([token], eos, self._decode) for job, token in zip(jobs, last)]
+                if any(done):
+                    keep = [i for i, d in enumerate(done) if not d]
+                    state = state.rows(torch.tensor(keep, dtype=torch.long, device=device)) if keep else None
+                    jobs[:] = [jobs[i] for i in keep]
+                    picks, last = [picks[i] for i in keep], [last[i] for i in keep]
+            joining = self._join(key, self.max_batch_size - len(jobs))
+
+    def _sampler(self, req: GenerationRequest) -> speculative.Pick | None:
+        """How a row picks its tokens: None for greedy, else draws at its temperature and top_p, from a
+        generator of its own when it has a seed (its draws then do not depend on the other rows)."""
+        if req.temperature == 0:
+            return None
+        generator = None if req.seed is None else torch.Generator(self.device).manual_seed(req.seed)
+        return speculative.sampler(req.temperature, req.top_p, generator)
+
+    def _pick(self, jobs: list[_Job], picks: list[speculative.Pick | None], logits: torch.Tensor) -> list[int]:
+        """One token per row from `logits` (rows, vocab): the argmax, or a draw with the row's sampler;
+        never eos for a row that ignores it."""
+        eos = self.tokenizer.eos_token_id
+        masked = [i for i, job in enumerate(jobs) if job.request.ignore_eos]
+        if masked and eos is not None:
+            logits[masked, eos] = float("-inf")
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, pick in enumerate(picks):
+            if pick is not None:
+                tokens[i] = int(pick(logits[i:i + 1])[0])
+        return tokens
+
+    def _speculate(self, job: _Job) -> None:
+        """One request through models.speculative with the prompt-lookup or draft proposer."""
         req, eos = job.request, self.tokenizer.eos_token_id
-        stats = self.spec_stats if proposer is None else speculative.Stats()
-        if proposer is None and job.speculation == "draft":
+        if job.speculation == "draft":
             max_len = job.ids.shape[1] + req.max_tokens + self.draft_tokens  # guesses past the last token included
             proposer = speculative.DraftModel(self.draft, self.draft_tokens, max_len, self.draft_lean)
-        elif proposer is None:
+        else:
             proposer = speculative.PromptLookup(self.prompt_lookup_tokens)
         pick = speculative.greedy if req.temperature == 0 else speculative.sampler(req.temperature, req.top_p)
         if req.ignore_eos and eos is not None:
             pick = _without(eos, pick)
         speculative.generate(self.model, job.ids[0].tolist(), proposer, pick,
-                             lambda new: job.advance(new, eos, self._decode), req.max_tokens, stats)
+                             lambda new: job.advance(new, eos, self._decode), req.max_tokens, self.spec_stats)
 
     # --- adapters ---------------------------------------------------------------
 

@@ -36,6 +36,16 @@ class State:
     conv: list[torch.Tensor]
     ssm: list[torch.Tensor]
 
+    def rows(self, index: torch.Tensor) -> State:
+        """The states of the batch rows at `index` (1-D, long): a continuous batch dropping finished rows."""
+        return State([c.index_select(0, index) for c in self.conv], [h.index_select(0, index) for h in self.ssm])
+
+    @staticmethod
+    def cat(states: list[State]) -> State:
+        """Several batches' states as one batch, rows in order: requests joining a continuous batch."""
+        return State([torch.cat(layer) for layer in zip(*(s.conv for s in states))],
+                     [torch.cat(layer) for layer in zip(*(s.ssm for s in states))])
+
 
 class Trajectory:
     """The states after each of the T positions of one forward, as a sequence built on demand: a

@@ -58,16 +58,6 @@ class PromptLookup:
         pass
 
 
-class NoGuesses:
-    """Proposes nothing: the loop then decodes one token a round, without generate()'s overhead."""
-
-    def propose(self, tokens: list[int]) -> list[int]:
-        return []
-
-    def keep(self, n: int) -> None:
-        pass
-
-
 class DraftModel:
     """Guesses with a small causal LM sharing the tokenizer, greedily, from its own KV cache of
     `max_len` positions, through models.lean_llama's forward where it covers the draft (2.5x cheaper

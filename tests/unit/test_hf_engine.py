@@ -70,12 +70,22 @@ def req(prompt: str, max_tokens: int = 12, **kw) -> GenerationRequest:
     return GenerationRequest("t", prompt=prompt, max_tokens=max_tokens, temperature=kw.pop("temperature", 0), **kw)
 
 
+async def idle(engine: HFEngine) -> None:
+    """Until the engine's batch has ended: a request answered in full may leave a continuous batch that
+    is still looking for rows to take, which a request sent now would join."""
+    for _ in range(500):
+        if engine.running == 0:
+            return
+        await asyncio.sleep(0.01)
+
+
 @pytest.mark.parametrize("model", ["main", "mamba", "mamba2"])
 def test_batched_greedy_equals_one_at_a_time(models, model):
     async def go():
         engine = HFEngine(models[model])
         await engine.start()
         solo = [await engine.generate(req(p, 8 + 3 * i)) for i, p in enumerate(PROMPTS)]
+        await idle(engine)
         before = engine.batches
         together = await asyncio.gather(*(engine.generate(req(p, 8 + 3 * i)) for i, p in enumerate(PROMPTS)))
         await asyncio.sleep(0.05)
@@ -429,3 +439,156 @@ def test_an_answer_completes_a_character_the_previous_engine_cut():
     answer = Answer(GenerationRequest("t"), Prompt([1] + ids[:k], answer_ids=ids[:k], sent=sent), text_of_ids)
     pieces = [answer.add([t]) for t in ids[k:]]
     assert "".join(pieces) + answer.rest() == text[sent:] and not any("\ufffd" in p for p in pieces)
+
+
+# --- continuous batching: a Mamba-1 on the reference path -----------------------------------------
+
+MAMBA = "embedded:tiny-mamba"
+
+
+def _rows_per_step(monkeypatch) -> list[int]:
+    """Records the rows of every decoding step (one token per row) that models.mamba.forward runs."""
+    from models import mamba
+
+    sizes: list[int] = []
+    forward = mamba.forward
+
+    def recording(model, ids, *args, **kwargs):
+        if ids.shape[1] == 1:
+            sizes.append(ids.shape[0])
+        return forward(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(mamba, "forward", recording)
+    return sizes
+
+
+def test_mamba_requests_join_a_running_batch_and_leave_it_when_done(monkeypatch):
+    """A long request runs; two others of other prompt lengths and max_tokens arrive when it is 10
+    tokens in and join its batch; each leaves at its own max_tokens while the rest go on; the long one
+    is then cancelled. Every row's greedy output is the one it gets alone, which is transformers'."""
+
+    async def go():
+        engine = HFEngine(resolve_model(MAMBA))
+        await engine.start()
+        first = greedy(1000, prompt=PROMPTS[2])
+        late = [greedy(12, prompt=PROMPTS[0]), greedy(40, prompt=PROMPTS[1] * 2)]
+        solo_first = ids_of(await collect(engine, greedy(64, prompt=PROMPTS[2])))
+        solo = [await engine.generate(r) for r in late]
+        prompt = engine.tokenizer.encode(PROMPTS[2], add_special_tokens=False)
+        reference = await engine.on_engine_thread(lambda: engine.model.generate(
+            torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64, do_sample=False)[0, len(prompt):].tolist())
+        sizes = _rows_per_step(monkeypatch)
+        await idle(engine)
+        before, half_way, leave, got = engine.batches, asyncio.Event(), asyncio.Event(), []
+
+        async def consume():
+            stream = engine.stream(first)
+            async for delta in stream:
+                got.extend(delta.token_ids)
+                if len(got) >= 10:
+                    half_way.set()
+                if leave.is_set():
+                    break
+            await stream.aclose()  # the client goes away: the row is cancelled
+
+        consumer = asyncio.create_task(consume())
+        await half_way.wait()
+        together = await asyncio.gather(*(engine.generate(r) for r in late))
+        leave.set()
+        await consumer
+        await idle(engine)
+        return solo_first, reference, solo, together, got, sizes, engine.batches - before
+
+    solo_first, reference, solo, together, got, sizes, batches = run(go())
+    assert solo_first == reference  # the loop's prefill and steps are transformers' greedy decoding
+    assert batches == 1  # the late requests joined the running batch
+    assert [c.text for c in together] == [c.text for c in solo]
+    assert [c.completion_tokens for c in together] == [12, 40]
+    assert 10 <= len(got) < 1000  # cancelled
+    assert got[:64] == solo_first[:len(got)]
+    peak = sizes.index(3)
+    assert set(sizes[:peak]) <= {1, 2} and sizes[0] == 1  # the late ones joined a batch of one
+    after = sizes[peak:]  # each left when done while the others went on, the long one alone at the end
+    assert after == sorted(after, reverse=True) and after[-1] == 1 and 2 in after
+
+
+def test_mamba_rows_keep_their_own_stop_strings_eos_and_sampling():
+    """Rows of one batch with a stop string, eos, ignore_eos, greedy and seeded sampling each end as
+    they do alone; a seed gives the same draws in a batch as alone."""
+    ends = [{"role": "user", "content": "Fix this code: x = = 1"}]  # the embedded Mamba answers it with eos
+
+    async def go():
+        engine = HFEngine(resolve_model(MAMBA))
+        await engine.start()
+        full = await engine.generate(req(PROMPTS[0], 30))
+        stop = full.text[6:9]
+        requests = [req(PROMPTS[0], 30, stop=[stop]), req(PROMPTS[1], 40, ignore_eos=True),
+                    GenerationRequest("t", messages=ends, max_tokens=60, temperature=0),
+                    GenerationRequest("t", messages=ends, max_tokens=60, temperature=0, ignore_eos=True),
+                    req(PROMPTS[2], 24, temperature=0.8, top_p=0.9, seed=7),
+                    req(PROMPTS[2], 24, temperature=0.8, top_p=0.9, seed=8)]
+        solo = [await engine.generate(r) for r in requests]
+        await idle(engine)
+        before = engine.batches
+        together = await asyncio.gather(*(engine.generate(r) for r in requests))
+        return full, stop, solo, together, engine.batches - before
+
+    full, stop, solo, together, batches = run(go())
+    assert batches == 1
+    assert [(c.text, c.completion_tokens, c.finish_reason) for c in together] == \
+        [(c.text, c.completion_tokens, c.finish_reason) for c in solo]
+    assert together[0].finish_reason == "stop" and together[0].text == full.text[:full.text.find(stop)]
+    assert together[1].completion_tokens == 40
+    assert together[2].finish_reason == "stop" and together[2].completion_tokens < 60  # eos
+    assert together[3].completion_tokens == 60 and together[3].text.startswith(together[2].text)
+    assert together[4].text != together[5].text  # the seeds drew differently
+
+
+def test_mamba_another_adapter_and_speculation_wait_for_the_batch_to_drain():
+    """Requests for another adapter, or speculating, do not join the running batch: they run after
+    it (the base rows together, then the adapter's, then the speculating one), each answering as alone.
+    Prompt-lookup speculation on a lone request gives the greedy answer."""
+
+    async def go():
+        engine = HFEngine(resolve_model(MAMBA), adapters={"pydoc": resolve_model("embedded:tiny-mamba-pydoc-lora")})
+        await engine.start()
+        requests = [req(PROMPTS[0], 16), req(PROMPTS[0], 16, adapter="pydoc"), req(PROMPTS[3], 20),
+                    req(PROMPTS[1] * 3, 24, speculation="prompt_lookup"), req(PROMPTS[3], 20, adapter="pydoc")]
+        solo = [await engine.generate(r) for r in requests]
+        plain = await engine.generate(req(PROMPTS[1] * 3, 24))
+        await idle(engine)
+        before = engine.batches
+        together = await asyncio.gather(*(engine.generate(r) for r in requests))
+        return solo, plain, together, engine.batches - before, engine.spec_stats
+
+    solo, plain, together, batches, stats = run(go())
+    assert [c.text for c in together] == [c.text for c in solo]
+    assert solo[0].text != solo[1].text  # the adapter changes the answer
+    assert solo[3].text == plain.text and stats.accepted > 0
+    assert batches == 3
+
+
+def test_mamba_a_failing_step_fails_the_rows_in_flight_and_the_engine_goes_on(monkeypatch):
+    """A step that raises ends every row in flight with the error; the next request is served."""
+    from models import mamba
+
+    forward = mamba.forward
+
+    def failing(model, ids, *args, **kwargs):
+        if ids.shape[0] == 2:  # the first step of the two rows together
+            raise RuntimeError("no memory left")
+        return forward(model, ids, *args, **kwargs)
+
+    async def go():
+        engine = HFEngine(resolve_model(MAMBA))
+        await engine.start()
+        monkeypatch.setattr(mamba, "forward", failing)
+        failed = await asyncio.gather(*(engine.generate(req(p, 8)) for p in PROMPTS[:2]), return_exceptions=True)
+        monkeypatch.setattr(mamba, "forward", forward)
+        after = await engine.generate(req(PROMPTS[0], 8))
+        await idle(engine)
+        return failed, after, engine.info()
+
+    failed, after, info = run(go())
+    assert all(isinstance(f, RuntimeError) and "no memory left" in str(f) for f in failed)
+    assert after.completion_tokens == 8 and info["running"] == 0 and info["continuous_batching"]

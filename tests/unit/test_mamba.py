@@ -117,3 +117,21 @@ def test_fast_conv_step_equals_transformers_own():
     expected = original(x, state, w, b, activation="silu")
     got = mamba._conv_update(x, state_ours, w, b, activation="silu")
     assert torch.allclose(got, expected, atol=1e-6) and torch.equal(state_ours, state)
+
+
+@torch.inference_mode()
+def test_states_join_a_batch_and_leave_it_by_rows(model):
+    """Prompts of different lengths prefilled alone, their states put together: a step of the batch
+    equals each row's step alone, and the rows kept after one leaves continue as they would alone."""
+    ids = _ids(6, 20)
+    _, a = mamba.forward(model, ids[:1, :7])
+    _, b = mamba.forward(model, ids[1:, :15])
+    step = torch.tensor([[3], [4]])
+    together, state = mamba.forward(model, step, mamba.State.cat([a, b]))
+    alone_a, _ = mamba.forward(model, step[:1], a)
+    alone_b, b = mamba.forward(model, step[1:], b)
+    assert torch.allclose(together, torch.cat([alone_a, alone_b]), atol=1e-5)
+    after, _ = mamba.forward(model, torch.tensor([[5]]), state.rows(torch.tensor([1])))
+    alone, _ = mamba.forward(model, torch.tensor([[5]]), b)
+    assert torch.allclose(after, alone, atol=1e-5)
+
