@@ -56,16 +56,19 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+MAMBA_TYPES = frozenset({"mamba", "mamba2"})  # transformers' model_type of Mamba-1 and Mamba-2 configs
+
+
 def mamba_kernel_path(model_type: str, device: str) -> str | None:
     """Which Mamba path runs: the mamba-ssm + causal-conv1d CUDA kernels, or the PyTorch reference.
 
     transformers picks the kernels when both packages import; they only run on CUDA tensors.
     None for models that are not Mamba.
     """
-    if not model_type.startswith("mamba"):
+    if model_type not in MAMBA_TYPES:
         return None
     kernels = all(importlib.util.find_spec(p) is not None for p in ("mamba_ssm", "causal_conv1d"))
-    return "mamba-ssm" if kernels and device.startswith("cuda") else "reference"
+    return "mamba-ssm" if kernels and torch.device(device).type == "cuda" else "reference"
 
 
 Speculation = Literal["none", "prompt_lookup", "draft"]

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from models.checkpoints import resolve_model
+from models.hf_engine import MAMBA_TYPES
 from training.lm import lm_loss
 from training.metrics import TrainingMetrics
 from training.metrics import add_argument as add_metrics_argument
@@ -138,7 +139,7 @@ def train(cfg: LoraConfig, base: str, backend: str, command: str,
     path = resolve_model(base)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if model.config.model_type.startswith("mamba") and (bad := MAMBA_REFUSED & set(cfg.target_modules)):
+    if model.config.model_type in MAMBA_TYPES and (bad := MAMBA_REFUSED & set(cfg.target_modules)):
         raise SystemExit(f"target_modules {sorted(bad)} are not LoRA-able on Mamba here; use in_proj, x_proj, embeddings")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     train_set = load_examples(_path(cfg.train), tok, cfg.seq)
