@@ -47,7 +47,7 @@ from transformers import AutoTokenizer
 
 from bench.capability import CONFIGS, configs_for, write_lines
 from deployments.config import AppConfig
-from deployments.lm import engine_class
+from deployments.lm import engine_for
 from models.engine import Engine, GenerationRequest
 from routing.cost import CostModel
 from routing.features import Features
@@ -138,8 +138,7 @@ async def _measure(name: str, config: Path, texts: dict[int, str], cases: dict[t
                    grid_repeats: int) -> dict:
     cfg = AppConfig.from_serve_config(config).backend(name)
     # built as deployments/lm.py builds it: hf, or vllm on a GPU config
-    engine = engine_class(cfg.engine)(model=resolve_model(cfg.model), device=cfg.device, dtype=cfg.dtype,
-                                      max_context=cfg.capability.max_context, adapters={}, **cfg.engine_kwargs)
+    engine = engine_for(cfg, adapters=False)
     await engine.start()
     curve = await calibrate(name, engine, texts, repeats)
     runs: dict[tuple[int, int], list[float]] = {case: [] for case in cases}

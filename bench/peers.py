@@ -48,12 +48,6 @@ CLIENT = ("import json, sys\nfrom vllm.benchmarks.serve import add_cli_args, mai
           "parser = FlexibleArgumentParser()\nadd_cli_args(parser)\n"
           "result = main(parser.parse_args(sys.argv[2:]))\n"
           "open(sys.argv[1], 'w').write(json.dumps(result, default=str))\n")
-def shipped_args() -> dict:
-    import yaml
-
-    return yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
-
-
 HF_KWARGS = {"max_batch_size": 16, "batch_wait_ms": 3, "max_batch_wait_ms": 25, "speculation": "none",
              "prompt_lookup_tokens": 10, "max_loaded_adapters": 4}
 
@@ -122,10 +116,10 @@ def main() -> None:
 
     from deployments.app import build_app
 
-    shipped = shipped_args()
-    transformer = AppConfig.model_validate(shipped).backend("transformer")
+    shipped = AppConfig.from_serve_config()
+    transformer = shipped.backend("transformer")
     tokenizer = str(resolve_model(transformer.model))
-    hf = shipped_args()
+    hf = shipped.model_dump()
     hf["backends"] = [b for b in hf["backends"] if b["name"] == "transformer"]
     hf["routing"].pop("intent")
     hf["backends"][0] |= {"engine": "hf", "engine_kwargs": HF_KWARGS}
@@ -135,7 +129,7 @@ def main() -> None:
     server = vllm_server(transformer, vllm_port)
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
-    serve.run(build_app(shipped), name="switchyard", route_prefix="/")
+    serve.run(build_app(shipped.model_dump()), name="switchyard", route_prefix="/")
     serve.run(build_app(hf), name="hf", route_prefix="/hf")
     targets = {"vllm": (f"http://127.0.0.1:{vllm_port}", "transformer"),
                "switchyard-vllm": (f"http://127.0.0.1:{serve_port}", "transformer"),

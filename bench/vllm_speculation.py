@@ -23,16 +23,13 @@ from pathlib import Path
 
 from bench.speculative import prompts
 from deployments.config import AppConfig
-from models.checkpoints import resolve_model
+from deployments.lm import engine_for
 from models.engine import GenerationRequest
-from models.vllm_engine import VLLMEngine
 
 
 async def _run(spec: dict | None, chats: list, tokens: int) -> dict:
     cfg = AppConfig.from_serve_config().backend("transformer")
-    kwargs = dict(cfg.engine_kwargs) | ({"speculative_config": spec} if spec else {})
-    engine = VLLMEngine(model=resolve_model(cfg.model), device=cfg.device, dtype=cfg.dtype,
-                        max_context=cfg.capability.max_context, adapters={}, **kwargs)
+    engine = engine_for(cfg, adapters=False, **({"speculative_config": spec} if spec else {}))
     await engine.start()
     await engine.generate(GenerationRequest("warm", messages=chats[0], max_tokens=8, temperature=0))
     texts, seconds, made = [], 0.0, 0

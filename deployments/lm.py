@@ -37,17 +37,22 @@ def engine_class(name: str) -> type[Engine]:
     return cls
 
 
+def engine_for(cfg: LMBackend, adapters: bool = True, **engine_kwargs: Any) -> Engine:
+    """The backend's engine as its config builds it; `engine_kwargs` override the config's (benchmarks)."""
+    return engine_class(cfg.engine)(
+        model=resolve_model(cfg.model),
+        device=cfg.device,
+        dtype=cfg.dtype,
+        max_context=cfg.capability.max_context,
+        adapters={name: resolve_model(ref) for name, ref in cfg.adapters.items()} if adapters else {},
+        **(cfg.engine_kwargs | engine_kwargs),
+    )
+
+
 class LMServer:
     async def __init__(self, cfg: LMBackend):  # Serve awaits async constructors
         self.cfg = cfg
-        self.engine = engine_class(cfg.engine)(
-            model=resolve_model(cfg.model),
-            device=cfg.device,
-            dtype=cfg.dtype,
-            max_context=cfg.capability.max_context,
-            adapters={name: resolve_model(ref) for name, ref in cfg.adapters.items()},
-            **cfg.engine_kwargs,
-        )
+        self.engine = engine_for(cfg)
         await self.engine.start()
         info = self.engine.info()
         # Which engine and kernel path this replica runs, as a Prometheus info-style gauge (always 1;
