@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
+from itertools import accumulate
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from models.engine import Logprob
 from routing.config import Task
 from routing.features import Document
 
@@ -25,10 +28,9 @@ NOT_IMPLEMENTED = "not implemented by this server (docs/api.md lists the paramet
 # OpenAI's parameters this server does not implement, with the values that turn them off: those are
 # accepted, any other is a 400 naming the parameter.
 NEUTRAL: dict[str, tuple] = {
-    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "logprobs": (False,),
-    "top_logprobs": (), "tools": ([],), "tool_choice": ("none",), "modalities": (["text"],), "functions": ([],),
-    "function_call": ("none",), "audio": (), "prediction": (), "reasoning_effort": (), "verbosity": (),
-    "web_search_options": (), "best_of": (1,), "suffix": (), "response_format": ({"type": "text"},),
+    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "modalities": (["text"],),
+    "functions": ([],), "function_call": ("none",), "audio": (), "prediction": (), "reasoning_effort": (),
+    "verbosity": (), "web_search_options": (), "best_of": (1,), "suffix": (),
 }
 
 
@@ -63,11 +65,36 @@ class ImagePart(Body):
 Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCall(Body):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text.")
+
+
+class ToolCall(Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[Part] | None = None
+    name: str | None = Field(None, description="Accepted; not shown to the model.")
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant's earlier tool calls.")
+    tool_call_id: str | None = Field(None, description="Which call a tool message answers.")
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> Message:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls belong to assistant messages")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message takes one")
+        return self
 
     def text(self) -> str:
+        """The content as the model reads it; an assistant's tool calls as their JSON."""
+        if self.tool_calls:
+            return json.dumps([{"name": c.function.name, "arguments": c.function.arguments} for c in self.tool_calls])
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         return "\n".join(p.text for p in self.content if isinstance(p, TextPart))
@@ -78,6 +105,50 @@ class Message(Body):
 
 class StreamOptions(Body):
     include_usage: bool = False
+
+
+class TextFormat(Body):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(Body):
+    type: Literal["json_object"]
+
+
+class JsonSchema(Body):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = Field(None, description="Either way the answer follows the schema (constrained decoding).")
+
+
+class JsonSchemaFormat(Body):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+class Function(Body):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    strict: bool | None = Field(None, description="Either way the arguments follow `parameters`.")
+
+
+class Tool(Body):
+    type: Literal["function"]
+    function: Function
+
+
+class NamedFunction(Body):
+    name: str
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class _Generation(Body):
@@ -123,13 +194,15 @@ class _Generation(Body):
 class ChatCompletionRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    parallel_tool_calls: bool | None = Field(None, description="Accepted; no tools are taken.")
-    # not implemented yet (issue 23): refused unless off
-    logprobs: bool | None = Field(None, description="Not implemented: false or unset only.")
-    top_logprobs: int | None = Field(None, description="Not implemented: unset only.")
-    response_format: dict[str, Any] | None = Field(None, description='Not implemented: {"type": "text"} only.')
-    tools: list[dict[str, Any]] | None = Field(None, description="Not implemented: empty or unset only.")
-    tool_choice: str | dict[str, Any] | None = Field(None, description='Not implemented: "none" or unset only.')
+    logprobs: bool = Field(False, description="Each answer token's log probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: the likeliest alternatives.")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema.")
+    tools: list[Tool] | None = Field(None, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="'required' or a named function: the answer is a call, its arguments following the "
+        "function's parameters; 'auto' needs a tool-call parser, which no backend has (a 400).")
+    parallel_tool_calls: bool | None = Field(None, description="false: one call at most with tool_choice "
+                                             "'required'.")
     modalities: list[str] | None = Field(None, description='["text"] or unset only.')
     functions: list[dict[str, Any]] | None = Field(None, description="Not implemented (deprecated by OpenAI).")
     function_call: str | dict[str, Any] | None = Field(None, description="Not implemented (deprecated by OpenAI).")
@@ -139,26 +212,99 @@ class ChatCompletionRequest(_Generation):
     verbosity: str | None = Field(None, description="Not implemented.")
     web_search_options: dict[str, Any] | None = Field(None, description="Not implemented.")
 
-    _chat_neutral = field_validator("logprobs", "top_logprobs", "tools", "tool_choice", "modalities", "functions",
-                                    "function_call", "audio", "prediction", "reasoning_effort", "verbosity",
-                                    "web_search_options", "response_format")(_off)
+    _chat_neutral = field_validator("modalities", "functions", "function_call", "audio", "prediction",
+                                    "reasoning_effort", "verbosity", "web_search_options")(_off)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        names = [t.function.name for t in tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("two functions have the same name")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_of_tools(cls, choice: Any, info: ValidationInfo) -> Any:
+        names = [t.function.name for t in info.data.get("tools") or []]
+        if choice in (None, "none"):
+            return choice
+        if not names:
+            raise ValueError("a tool_choice other than 'none' needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"names function {choice.function.name!r}, which is not in tools")
+        fmt = info.data.get("response_format")
+        if choice != "auto" and fmt is not None and fmt.type != "text":
+            raise ValueError("a tool call's arguments are JSON already: use tools or response_format, not both")
+        return choice
 
     def new_tokens(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
+
+    def calls_tools(self) -> bool:
+        """The answer must be a tool call: tools given and tool_choice 'required' or a named function.
+        ('auto', also the default with tools, needs a parser: the router refuses it.)"""
+        return bool(self.tools) and self.tool_choice not in (None, "none", "auto")
+
+    def auto_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice in (None, "auto")
+
+    def json_schema(self) -> dict[str, Any] | None:
+        """The schema the answer is constrained to: response_format's, or the tool call's; None for text."""
+        if self.calls_tools():
+            tools = {t.function.name: t.function for t in self.tools or []}
+            if isinstance(self.tool_choice, NamedToolChoice):  # the answer is the arguments
+                return tools[self.tool_choice.function.name].parameters
+            call = [{"type": "object", "properties": {"name": {"const": name}, "arguments": f.parameters},
+                     "required": ["name", "arguments"], "additionalProperties": False} for name, f in tools.items()]
+            return {"type": "array", "items": {"anyOf": call}, "minItems": 1,
+                    **({"maxItems": 1} if self.parallel_tool_calls is False else {})}
+        if self.response_format is None or self.response_format.type == "text":
+            return None
+        if self.response_format.type == "json_object":
+            return {"type": "object"}
+        return self.response_format.json_schema.schema_
+
+    def tool_calls(self, text: str) -> list[dict[str, Any]]:
+        """The tool calls an answer constrained by json_schema() holds, in OpenAI's shape."""
+        answer = json.loads(text)
+        if isinstance(self.tool_choice, NamedToolChoice):
+            calls = [(self.tool_choice.function.name, answer)]
+        else:
+            calls = [(c["name"], c["arguments"]) for c in answer]
+        return [{"id": new_id("call"), "type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
+                for n, a in calls]
+
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Generation):
     prompt: str
     echo: Literal[False] = False
+    logprobs: int | None = Field(None, ge=0, le=20, description="Each token's log probability and this many "
+                                 "likeliest alternatives.")
     # not implemented: refused unless off
-    logprobs: int | None = Field(None, description="Not implemented yet: unset only.")
     best_of: int | None = Field(None, description="Not implemented: 1 or unset only.")
     suffix: str | None = Field(None, description="Not implemented: unset only.")
 
-    _completion_neutral = field_validator("best_of", "suffix", "logprobs")(_off)
+    _completion_neutral = field_validator("best_of", "suffix")(_off)
 
     def new_tokens(self, default: int) -> int:
         return self.max_tokens or default
+
+    def json_schema(self) -> None:
+        return None
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
 
 Grid = Annotated[
@@ -218,15 +364,43 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _value(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else -9999.0  # JSON has no -inf; OpenAI's stand-in
+
+
+def chat_logprobs(scored: list[Logprob] | None) -> dict[str, Any] | None:
+    """A chat choice's `logprobs`: per token its text, value, bytes and top alternatives."""
+    if scored is None:
+        return None
+
+    def one(p: Logprob) -> dict[str, Any]:
+        return {"token": p.token, "logprob": _value(p.logprob), "bytes": p.bytes}
+
+    return {"content": [one(p) | {"top_logprobs": [one(t) for t in p.top if math.isfinite(t.logprob)]}
+                        for p in scored], "refusal": None}
+
+
+def text_logprobs(scored: list[Logprob] | None, offset: int = 0) -> dict[str, Any] | None:
+    """A completion choice's `logprobs` (the legacy shape); `offset`: where the first token's text starts."""
+    if scored is None:
+        return None
+    return {"tokens": [p.token for p in scored], "token_logprobs": [_value(p.logprob) for p in scored],
+            "top_logprobs": [{t.token: t.logprob for t in p.top if math.isfinite(t.logprob)} for p in scored],
+            "text_offset": list(accumulate((len(p.token) for p in scored[:-1]), initial=offset)) if scored else []}
+
+
 def completion_body(text: str, finish_reason: str, tokens: tuple[int, int], chat: bool, model: str,
-                    switchyard: dict[str, Any]) -> dict[str, Any]:
-    """A chat.completion or text_completion object."""
+                    switchyard: dict[str, Any], scored: list[Logprob] | None = None,
+                    tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A chat.completion or text_completion object; with tool_calls, the message is the calls."""
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
-                  "logprobs": None}
+        message = {"role": "assistant", "content": text}
+        if tool_calls:
+            message, finish_reason = {"role": "assistant", "content": None, "tool_calls": tool_calls}, "tool_calls"
+        choice = {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": chat_logprobs(scored)}
         return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": model,
                 "choices": [choice], "usage": usage(*tokens), "switchyard": switchyard}
-    choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+    choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": text_logprobs(scored)}
     return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": model,
             "choices": [choice], "usage": usage(*tokens), "switchyard": switchyard}
 
@@ -238,18 +412,27 @@ class Chunks:
         self.chat, self.model = chat, model
         self.id, self.created = new_id("chatcmpl" if chat else "cmpl"), now()
         self.object = "chat.completion.chunk" if chat else "text_completion"
+        self.offset = 0  # characters of the text streamed so far (completions' text_offset)
 
     def event(self, choices: list[dict[str, Any]], **extra: Any) -> str:
         return "data: " + json.dumps({"id": self.id, "object": self.object, "created": self.created,
                                       "model": self.model, "choices": choices, **extra}) + "\n\n"
 
-    def piece(self, text: str | None, finish: str | None = None, role: bool = False, **extra: Any) -> str:
+    def piece(self, text: str | None, finish: str | None = None, role: bool = False,
+              scored: list[Logprob] | None = None, **extra: Any) -> str:
         if self.chat:
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": chat_logprobs(scored)}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "text": text or "", "finish_reason": finish,
+                      "logprobs": text_logprobs(scored, self.offset)}
+            self.offset += len(text or "")
         return self.event([choice], **extra)
+
+    def tool_calls(self, calls: list[dict[str, Any]]) -> str:
+        """The whole calls in one chunk (each with its index), as a client adds up tool-call deltas."""
+        delta = {"tool_calls": [{"index": i} | call for i, call in enumerate(calls)]}
+        return self.event([{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}])
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
         return self.event([], usage=usage(prompt_tokens, completion_tokens))

@@ -83,6 +83,14 @@ class LMBackend(BackendBase):
         "adapter cache; for `vllm` fields of vLLM's AsyncEngineArgs (checked at start).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _outputs(cls, data: Any) -> Any:
+        """Both engines give logprobs and structured outputs: capability.outputs says so unless it is set."""
+        if isinstance(data, dict) and isinstance(cap := data.get("capability"), dict) and "outputs" not in cap:
+            data = data | {"capability": cap | {"outputs": ["logprobs", "structured"]}}
+        return data
+
 
 class BatchedBackend(BackendBase):
     """A backend whose replica gathers requests into batches with Serve's @serve.batch."""

@@ -24,7 +24,7 @@ from deployments.config import AppConfig
 from deployments.dispatch import Call, Dispatcher
 from deployments.http import ApiError
 from deployments.records import Outcome, Records
-from deployments.streams import sse_response
+from deployments.streams import sse_response, tool_call_stream
 from deployments.replicas import ReplicaWatch, serve_fetch
 from models import code_grid
 from models.checkpoints import resolve_model
@@ -136,8 +136,10 @@ class Router:
         self.records.decided(decision, time.perf_counter() - start)
         return decision
 
-    async def _features(self, endpoint: str, body: ChatCompletionRequest | CompletionRequest, out: Outcome) -> Features:
-        """The text request's features; the intent classifier's guess when the task is not given."""
+    async def _features(self, endpoint: str, body: ChatCompletionRequest | CompletionRequest, out: Outcome,
+                        outputs: frozenset[str]) -> Features:
+        """The text request's features; the intent classifier's guess when the task is not given. `outputs`:
+        what the answer must carry (a hard filter)."""
         if isinstance(body, ChatCompletionRequest):
             prompt = "\n".join(m.text() for m in body.messages)
             query = next((m.text() for m in reversed(body.messages) if m.role == "user"), prompt)
@@ -149,7 +151,7 @@ class Router:
                            param="max_tokens")
         f = text_features(endpoint=endpoint, prompt=prompt, documents=body.docs(), count_tokens=self.count_tokens,
                           max_new_tokens=max_new, model=body.model, task=body.task, query=query)
-        f = replace(f, caller=out.caller)
+        f = replace(f, caller=out.caller, outputs=outputs)
         if self.intent is not None and f.task is None and f.backend is None and f.query.strip():
             # Only where the task picks the backend: a pinned model goes where it names whatever the task.
             # A thread: the MiniLM encoder takes milliseconds (bench.classifier) the event loop should not wait out.
@@ -202,8 +204,15 @@ class Router:
     async def _text(self, endpoint: str, request: Request, body: ChatCompletionRequest | CompletionRequest):
         chat = isinstance(body, ChatCompletionRequest)
         with self._request(endpoint, request) as out:
+            if chat and body.auto_tools():
+                raise ApiError(400, "tool_choice 'auto' (the default with tools) needs a tool-call parser for the "
+                               "backend's model, and no backend here has one: their models have no tool-call format. "
+                               "Use tool_choice 'required' or name a function; the answer is then a call whose "
+                               "arguments follow the function's parameters", param="tool_choice")
+            schema, k = body.json_schema(), body.logprobs_k()
+            outputs = frozenset(["logprobs"] * (k is not None) + ["structured"] * (schema is not None))
             image = http.chat_image(body) if chat else None
-            f = await self._features(endpoint, body, out)
+            f = await self._features(endpoint, body, out, outputs)
             self.limiter.take(f.caller, "tokens", f.tokens + f.max_new_tokens)
             if image is not None:  # a chat image picks the adapter first
                 f = await self._image_choice(image, f, out)
@@ -214,8 +223,10 @@ class Router:
                 messages=[{"role": m.role, "content": m.text()} for m in body.messages] if chat else None,
                 documents=[(d.text, d.page) for d in body.documents], max_tokens=f.max_new_tokens,
                 temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed, adapter=f.adapter,
-                speculation=body.speculation, ignore_eos=body.ignore_eos)
-            if body.stream:
+                speculation=body.speculation, ignore_eos=body.ignore_eos, logprobs=k, json_schema=schema,
+                tools=[t.model_dump(exclude_none=True) for t in body.tools] if chat and body.tools else None)
+            tools = chat and body.calls_tools()
+            if body.stream and not tools:  # a tool call is streamed whole, once made (below)
                 opened = await self.dispatch.open(out, req)
                 model = opened.backend if f.adapter is None else f"{opened.backend}:{f.adapter}"
                 out.streaming = True
@@ -225,8 +236,13 @@ class Router:
             result: Completion = await self.dispatch.call(out, Call("generate", req))
             out.usage = (result.prompt_tokens, result.completion_tokens)
             model = out.served_by if f.adapter is None else f"{out.served_by}:{f.adapter}"
-            body = completion_body(result.text, result.finish_reason, out.usage, chat, model, out.body())
-            return JSONResponse(body, headers=out.headers())
+            calls = body.tool_calls(result.text) if tools and result.finish_reason == "stop" else None
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                return tool_call_stream(Chunks(chat, model), calls, result, include_usage, out)
+            answer = completion_body(result.text, result.finish_reason, out.usage, chat, model, out.body(),
+                                     result.logprobs, calls)
+            return JSONResponse(answer, headers=out.headers())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request, body: ChatCompletionRequest):

@@ -2,7 +2,7 @@
 its last event, cut by the client, or dropped before its first byte) is recorded once."""
 
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from deployments.api import Chunks
 from deployments.dispatch import Opened
 from deployments.records import Outcome, Records
-from models.engine import Delta
+from models.engine import Completion, Delta
 from routing.outcome import Verdict
 
 
@@ -43,14 +43,36 @@ async def _events(records: Records, out: Outcome, pieces: AsyncIterator[Delta | 
             if isinstance(piece, Verdict):
                 yield chunks.error(piece.message, piece.type)
                 break
+            scored = piece.logprobs  # the logprobs of the piece's tokens, when asked
             if piece.text:
-                yield chunks.piece(piece.text, **extra)
-                extra = {}
-            if piece.finish_reason is not None:
-                yield chunks.piece(None if chunks.chat else "", piece.finish_reason, switchyard=out.body())
+                yield chunks.piece(piece.text, scored=scored, **extra)
+                extra, scored = {}, None
+            if piece.finish_reason is not None:  # with the logprobs of tokens that made no text (end of sequence)
+                yield chunks.piece(None if chunks.chat else "", piece.finish_reason, scored=scored,
+                                   switchyard=out.body())
                 if include_usage:
                     yield chunks.usage(piece.prompt_tokens, piece.completion_tokens)
         yield Chunks.DONE
     finally:
         await pieces.aclose()
         records.ended(out)
+
+
+def tool_call_stream(chunks: Chunks, calls: list[dict[str, Any]] | None, result: Completion, include_usage: bool,
+                     out: Outcome) -> StreamingResponse:
+    """A forced tool call, streamed once it is whole: the calls in one chunk, then the finishing chunk (an
+    answer cut short, with no calls, as its text). The router made it with a unary call, which it could
+    retry elsewhere while nothing had been sent."""
+
+    def events() -> Iterator[str]:
+        yield chunks.piece("", role=True, switchyard=out.body())
+        if calls:
+            yield chunks.tool_calls(calls)
+        else:
+            yield chunks.piece(result.text, scored=result.logprobs)
+        yield chunks.piece(None, "tool_calls" if calls else result.finish_reason, switchyard=out.body())
+        if include_usage:
+            yield chunks.usage(result.prompt_tokens, result.completion_tokens)
+        yield Chunks.DONE
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=out.headers())

@@ -47,6 +47,14 @@ class GenerationRequest:
     truncate: bool = False
     # Continue an answer another engine started: the engine streams only the text that follows it.
     continuation: Continuation | None = None
+    # Log probabilities: None for none; k for each token's with the k likeliest alternatives (0 to 20).
+    logprobs: int | None = None
+    # Structured output: the answer is JSON valid against this schema ({"type": "object"}: any object),
+    # by constrained decoding; a schema the engine cannot compile is InvalidRequest.
+    json_schema: dict[str, Any] | None = None
+    # Chat: the functions the answer may call ({"type": "function", "function": {...}}), for the chat template
+    # (a template without a tool format leaves them out).
+    tools: list[dict[str, Any]] | None = None
 
     def __post_init__(self):
         # As vLLM does: a temperature this close to 0 is greedy decoding. Dividing logits by it
@@ -61,12 +69,24 @@ FinishReason = Literal["stop", "length", "abort"]
 
 
 @dataclass
+class Logprob:
+    """A generated token's log probability, in OpenAI's terms: its text, value and UTF-8 bytes (a token
+    may hold part of a character), and the likeliest alternatives at its position."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[Logprob] = field(default_factory=list)
+
+
+@dataclass
 class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason
     truncated_tokens: int = 0  # prompt tokens cut from the middle (GenerationRequest.truncate)
+    logprobs: list[Logprob] | None = None  # one per completion token, when the request asked
 
 
 @dataclass
@@ -81,6 +101,7 @@ class Delta:
     # The tokens generated since the previous piece: a stream's pieces together carry all its tokens.
     token_ids: list[int] = field(default_factory=list)
     tokenizer: str | None = None  # tokenizer_fingerprint() of the engine's tokenizer, on every piece
+    logprobs: list[Logprob] | None = None  # one per token of token_ids, when the request asked
 
 
 def render_documents(documents: list[tuple[str, int | None]]) -> str:
@@ -96,10 +117,11 @@ def prompt_text(request: GenerationRequest, tokenizer: Any) -> str:
     cont = request.continuation
     if request.messages is not None:
         messages = ([{"role": "system", "content": docs}] if docs else []) + request.messages
+        tools = {"tools": request.tools} if request.tools else {}
         if cont is None:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **tools)
         return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": cont.text}],
-                                             tokenize=False, continue_final_message=True)
+                                             tokenize=False, continue_final_message=True, **tools)
     text = f"{docs}\n\n{request.prompt}" if docs else (request.prompt or "")
     return text if cont is None else text + cont.text
 

@@ -45,11 +45,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList, StoppingCriteria,
+                          StoppingCriteriaList)
 
-from models import lean_llama, mamba, speculative
-from models.engine import (Answer, Completion, Delta, Engine, FinishReason, GenerationRequest, InvalidRequest, Prompt,
-                           first_stop, prompt_ids, tokenizer_fingerprint)
+from models import lean_llama, mamba, speculative, structured
+from models.engine import (Answer, Completion, Delta, Engine, FinishReason, GenerationRequest, InvalidRequest, Logprob,
+                           Prompt, first_stop, prompt_ids, tokenizer_fingerprint)
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +86,12 @@ class _Job:
     speculation: Speculation
     loop: asyncio.AbstractEventLoop
     engine: HFEngine
+    constraint: structured.Constraint | None = None  # the answer's grammar (response_format)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # token ids, then None
     cancel: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)  # one per token, when the request asks
+    scores: torch.Tensor | None = None  # the logits its next token is picked from (vocab,), for its logprob
     done: bool = False  # no more tokens will be made for it
     closed: bool = False  # its consumer has been told
 
@@ -104,7 +108,23 @@ class _Job:
             return None
         return (r.adapter, r.temperature > 0, r.temperature, r.top_p, r.ignore_eos)
 
+    def guide(self, logits: torch.Tensor) -> None:
+        """Before its next token is picked from `logits` (1, vocab): masks what the grammar rules out, keeps
+        the logits for the token's logprob (the model's distribution under the grammar, as vLLM's raw
+        logprobs), then masks end-of-sequence for a request that ignores it."""
+        if self.constraint is not None:
+            self.constraint.apply(logits)
+        if self.request.logprobs is not None:
+            self.scores = logits[0].clone()
+        if self.request.ignore_eos and (eos := self.engine.tokenizer.eos_token_id) is not None:
+            logits[0, eos] = float("-inf")
+
     def emit(self, token: int) -> None:
+        if self.constraint is not None:
+            self.constraint.consume([token])
+        if self.scores is not None:
+            grammars = self.engine.grammars
+            self.logprobs.append(structured.logprobs(self.scores, token, self.request.logprobs, grammars.token_bytes))
         self.tokens.append(token)
         self.engine.generated += 1
         self.loop.call_soon_threadsafe(self.queue.put_nowait, token)
@@ -147,6 +167,20 @@ class _Rows(StoppingCriteria):
             if not job.done:
                 job.advance(row[len(job.tokens):], self.eos, self.decode)
         return torch.tensor([j.done for j in self.jobs], dtype=torch.bool, device=input_ids.device)
+
+
+class _Guide(LogitsProcessor):
+    """Runs before each decoding step of a batch picks its tokens: each row's grammar mask and logprobs
+    (_Job.guide). transformers applies it before temperature and top_p."""
+
+    def __init__(self, jobs: list[_Job]):
+        self.jobs = jobs
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row, job in enumerate(self.jobs):
+            if not job.done:
+                job.guide(scores[row:row + 1])
+        return scores
 
 
 class HFEngine(Engine):
@@ -207,6 +241,7 @@ class HFEngine(Engine):
         model = AutoModelForCausalLM.from_pretrained(self.model_ref, dtype=_DTYPES[self.dtype])
         self.model = model.to(self.device).eval()
         cfg = self.model.config
+        self.grammars = structured.Grammars(self.tokenizer, self.model.get_output_embeddings().weight.shape[0])
         if cfg.model_type == "mamba" and mamba_kernel_path(cfg.model_type, self.device) == "reference":
             mamba.use_fast_conv()
         self.can_speculate = speculative.supports(self.model)
@@ -267,7 +302,25 @@ class HFEngine(Engine):
             raise InvalidRequest(f"unknown adapter {req.adapter!r}; this backend has {list(self.adapter_paths)}")
         return prompt
 
+    def _constraint(self, req: GenerationRequest, prompt: Prompt) -> structured.Constraint | None:
+        """The request's grammar, having consumed a continued answer's start; None without response_format."""
+        if req.json_schema is None:
+            return None
+        if req.ignore_eos:
+            raise InvalidRequest("ignore_eos cannot be combined with response_format: a complete answer ends")
+        constraint = self.grammars.constraint(req.json_schema)
+        constraint.consume(prompt.answer_ids)
+        if prompt.text:
+            constraint.consume_text(prompt.text)
+        return constraint
+
     def _speculation(self, req: GenerationRequest) -> Speculation:
+        if req.json_schema is not None or req.logprobs is not None:
+            # models.speculative's loop takes guesses without a grammar or logprobs: plain decoding instead
+            if req.speculation not in (None, "none"):
+                raise InvalidRequest(f"speculation {req.speculation!r} cannot be combined with logprobs or "
+                                     "response_format on this backend; omit speculation")
+            return "none"
         method = req.speculation or self.speculation
         if method not in SPECULATION:
             raise InvalidRequest(f"speculation must be one of {SPECULATION}, not {method!r}")
@@ -280,7 +333,8 @@ class HFEngine(Engine):
 
     def _submit(self, req: GenerationRequest) -> _Job:
         prompt = self._encode(req)
-        job = _Job(req, prompt, torch.tensor([prompt.ids]), self._speculation(req), asyncio.get_running_loop(), self)
+        job = _Job(req, prompt, torch.tensor([prompt.ids]), self._speculation(req), asyncio.get_running_loop(), self,
+                   self._constraint(req, prompt))
         with self._lock:
             self._waiting.append(job)
         self._wake.set()
@@ -399,13 +453,12 @@ class HFEngine(Engine):
             max_new_tokens=max(j.request.max_tokens for j in jobs),
             do_sample=first.temperature > 0,
             stopping_criteria=StoppingCriteriaList([_Rows(jobs, width, self.tokenizer.eos_token_id, self._decode)]),
+            logits_processor=LogitsProcessorList([_Guide(jobs)]),
             pad_token_id=pad,
             eos_token_id=self.tokenizer.eos_token_id,
         )
         if first.temperature > 0:
             kwargs.update(temperature=first.temperature, top_p=first.top_p)
-        if first.ignore_eos:  # eos is masked out until every row has its max_tokens
-            kwargs["min_new_tokens"] = kwargs["max_new_tokens"]
         self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
 
     def _continuous(self, jobs: list[_Job]) -> None:
@@ -457,12 +510,10 @@ class HFEngine(Engine):
         return speculative.sampler(req.temperature, req.top_p, generator)
 
     def _pick(self, jobs: list[_Job], picks: list[speculative.Pick | None], logits: torch.Tensor) -> list[int]:
-        """One token per row from `logits` (rows, vocab): the argmax, or a draw with the row's sampler;
-        never eos for a row that ignores it."""
-        eos = self.tokenizer.eos_token_id
-        masked = [i for i, job in enumerate(jobs) if job.request.ignore_eos]
-        if masked and eos is not None:
-            logits[masked, eos] = float("-inf")
+        """One token per row from `logits` (rows, vocab), guided by its job (_Job.guide: grammar, logprobs,
+        ignore_eos): the argmax, or a draw with the row's sampler."""
+        for i, job in enumerate(jobs):
+            job.guide(logits[i:i + 1])
         tokens = logits.argmax(dim=-1).tolist()
         for i, pick in enumerate(picks):
             if pick is not None:
@@ -540,7 +591,7 @@ class HFEngine(Engine):
         text = answer.add([t async for t in self._tokens(job)])
         text += answer.rest()
         return Completion(text, len(job.prompt.ids), len(answer.tokens), self._reason(answer, job.cancel.is_set()),
-                          job.prompt.cut)
+                          job.prompt.cut, self._logprobs(job, 0, len(answer.tokens)))
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         job = self._submit(request)
@@ -554,12 +605,19 @@ class HFEngine(Engine):
                 if answer.stopped:
                     break
                 if text:
-                    yield Delta(text, None, len(job.prompt.ids), 0, cut, answer.tokens[given:], fingerprint)
+                    yield Delta(text, None, len(job.prompt.ids), 0, cut, answer.tokens[given:], fingerprint,
+                                self._logprobs(job, given, len(answer.tokens)))
                     given = len(answer.tokens)
         finally:
             await stream.aclose()  # cancels the job when the consumer (client) went away
         yield Delta(answer.rest(), self._reason(answer, False), len(job.prompt.ids), len(answer.tokens), cut,
-                    answer.tokens[given:], fingerprint)
+                    answer.tokens[given:], fingerprint, self._logprobs(job, given, len(answer.tokens)))
+
+    @staticmethod
+    def _logprobs(job: _Job, start: int, end: int) -> list[Logprob] | None:
+        """The logprobs of the job's tokens start:end, if the request asks (emit made each before its token
+        was handed out)."""
+        return None if job.request.logprobs is None else job.logprobs[start:end]
 
 
 def _without(token: int, pick: speculative.Pick) -> speculative.Pick:

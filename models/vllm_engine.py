@@ -22,8 +22,9 @@ from collections.abc import AsyncIterator, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from models.engine import (Answer, Completion, Delta, Engine, FinishReason, GenerationRequest, InvalidRequest, Prompt,
-                           prompt_ids, tokenizer_fingerprint)
+from models.engine import (Answer, Completion, Delta, Engine, FinishReason, GenerationRequest, InvalidRequest, Logprob,
+                           Prompt, prompt_ids, tokenizer_fingerprint)
+from models.structured import Grammars  # llguidance: a dependency of vLLM's too
 
 logger = logging.getLogger(__name__)
 
@@ -106,15 +107,41 @@ def check_speculation(requested: str | None, method: str | None) -> None:
 
 
 def sampling_kwargs(request: GenerationRequest) -> dict[str, Any]:
-    """SamplingParams keyword arguments (output_kind aside). Temperature 0 is greedy in vLLM."""
-    return {
+    """SamplingParams keyword arguments (output_kind aside); `structured_outputs` as the keyword arguments of
+    vLLM's StructuredOutputsParams. Temperature 0 is greedy in vLLM."""
+    kwargs = {
         "max_tokens": request.max_tokens,
         "temperature": request.temperature,
         "top_p": request.top_p,
         "stop": list(request.stop) or None,
         "seed": request.seed,
         "ignore_eos": request.ignore_eos,
+        "logprobs": request.logprobs,
     }
+    if request.json_schema is not None:
+        if request.continuation is not None:  # vLLM's grammar starts where the prompt ends, not mid-answer
+            raise InvalidRequest("vLLM cannot continue an answer under response_format")
+        if request.ignore_eos:
+            raise InvalidRequest("ignore_eos cannot be combined with response_format: a complete answer ends")
+        kwargs["structured_outputs"] = {"json": request.json_schema}
+    return kwargs
+
+
+def logprobs_of(token_ids: list[int], entries: list[Mapping[int, Any]], top: int, token_bytes) -> list[Logprob]:
+    """Our Logprobs from vLLM's: per token a mapping from token id to vLLM's Logprob (logprob, rank), which
+    holds the chosen token and the `top` likeliest; `token_bytes(id)` gives a token's bytes."""
+
+    def entry(token: int, value: float) -> Logprob:
+        raw = token_bytes(token)
+        return Logprob(raw.decode("utf-8", errors="replace"), value, list(raw))
+
+    out = []
+    for token, alternatives in zip(token_ids, entries):
+        chosen = entry(token, alternatives[token].logprob)
+        ranked = sorted(alternatives.items(), key=lambda kv: kv[1].rank)
+        chosen.top = [entry(t, lp.logprob) for t, lp in ranked if lp.rank <= top][:top]
+        out.append(chosen)
+    return out
 
 
 def finish_reason(reason: str | None) -> FinishReason:
@@ -176,10 +203,17 @@ class VLLMEngine(Engine):
         if current_platform.device_type != self.device:
             raise ValueError(f"device {self.device!r}, but the installed vLLM runs on "
                              f"{current_platform.device_type!r}")
+        args = dict(self.args)
+        if isinstance(args.get("structured_outputs_config"), Mapping):  # AsyncEngineArgs takes the config object
+            from vllm.config import StructuredOutputsConfig
+
+            args["structured_outputs_config"] = StructuredOutputsConfig(**args["structured_outputs_config"])
         # Starts the engine core in a child process and loads the weights (blocking, like vLLM's own server).
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args), stat_loggers=[self._stat_logger()])
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[self._stat_logger()])
         self.tokenizer = self.engine.get_tokenizer()
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        # a token's exact bytes for logprobs (part of a character included), as the hf engines give them
+        self._token_bytes = Grammars(self.tokenizer, self.engine.model_config.get_vocab_size()).token_bytes
         self.max_context = self.engine.model_config.max_model_len
         self.architecture = self.engine.model_config.hf_config.model_type
         # int ids must be unique per adapter for the engine's lifetime: vLLM caches adapters by id.
@@ -236,7 +270,7 @@ class VLLMEngine(Engine):
     def _submit(self, request: GenerationRequest) -> tuple[AsyncIterator[Any], str, Prompt]:
         """Checks the request and hands it to vLLM: (its output stream, vLLM request id, its prompt)."""
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         if request.adapter is not None and request.adapter not in self._loras:
             raise InvalidRequest(f"unknown adapter {request.adapter!r}; this backend has {list(self._loras)}")
@@ -245,7 +279,10 @@ class VLLMEngine(Engine):
         prompt = prompt_ids(request, self.tokenizer, self.fingerprint, self.max_context)
         # vLLM aborts by external id, every request sharing it: keep ours unique.
         rid = f"{request.request_id}-{next(self._ids)}"
-        params = SamplingParams(**sampling_kwargs(request), output_kind=RequestOutputKind.DELTA)
+        kwargs = sampling_kwargs(request)
+        if "structured_outputs" in kwargs:
+            kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
+        params = SamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA)
         # Already tokens: the renderer only wraps them as an engine input (raw prompts are deprecated).
         (engine_prompt,) = self.engine.renderer.render_cmpl([{"prompt_token_ids": prompt.ids}])
         outputs = self.engine.generate(engine_prompt, params, rid, lora_request=self._loras.get(request.adapter))
@@ -255,18 +292,23 @@ class VLLMEngine(Engine):
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        from vllm.exceptions import VLLMClientError
+
         outputs, rid, prompt = self._submit(request)
         # vLLM's text starts where the prompt ends: a continued answer's is made here from all its tokens
         # instead, as the hf engine makes it, to give back what the previous engine held back and to find
         # stop strings across the boundary (decoding the whole answer per step, so only for continuations).
         answer = None if request.continuation is None else Answer(request, prompt, self._decode)
         pending: list[int] = []  # tokens not handed out yet: vLLM may hold back their text
+        scored: list[Logprob] | None = None if request.logprobs is None else []  # their logprobs, when asked
         completion_tokens, finished = 0, False
         try:
             async for out in outputs:  # each a RequestOutput holding only what is new (DELTA)
                 piece = out.outputs[0]
                 completion_tokens += len(piece.token_ids)
                 pending += piece.token_ids
+                if scored is not None:
+                    scored += logprobs_of(piece.token_ids, piece.logprobs, request.logprobs, self._token_bytes)
                 text = piece.text if answer is None else answer.add(list(piece.token_ids))
                 # vLLM looks for stop strings in its own text only: one across the boundary ends it here
                 stopped = answer is not None and answer.stopped
@@ -276,11 +318,15 @@ class VLLMEngine(Engine):
                     if answer is not None:
                         text += answer.rest()
                     yield Delta(text, reason, len(prompt.ids), completion_tokens, prompt.cut, pending,
-                                self.fingerprint)
+                                self.fingerprint, scored)
                     break
                 if text:  # vLLM holds back text that may still become a stop string
-                    yield Delta(text, None, len(prompt.ids), 0, prompt.cut, pending, self.fingerprint)
-                    pending = []
+                    yield Delta(text, None, len(prompt.ids), 0, prompt.cut, pending, self.fingerprint, scored)
+                    pending, scored = [], None if scored is None else []
+        except VLLMClientError as exc:  # vLLM refused the request (a schema its grammar backend cannot take...)
+            if completion_tokens:
+                raise
+            raise InvalidRequest(str(exc)) from None
         finally:
             if not finished:  # the consumer went away (client gone, deadline) or failed: free the slot
                 await self.engine.abort(rid)
@@ -288,9 +334,12 @@ class VLLMEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> Completion:
         parts: list[str] = []
+        scored: list[Logprob] | None = None if request.logprobs is None else []
         last = Delta("")
         async for last in self.stream(request):
             parts.append(last.text)
+            if scored is not None:
+                scored += last.logprobs or []
         assert last.finish_reason is not None  # stream() ends with the finishing delta or raises
         return Completion("".join(parts), last.prompt_tokens, last.completion_tokens, last.finish_reason,
-                          last.truncated_tokens)
+                          last.truncated_tokens, scored)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from routing.cost import CostModel
 
 Modality = Literal["text", "image", "grid"]
+Output = Literal["logprobs", "structured"]
 
 Task = Literal[
     "text_generation",
@@ -63,6 +64,11 @@ class Capability(Strict):
     quality: Quality | None = Field(
         None, description="Measured quality per task (bench.quality --write); under strategy 'cost', a backend "
         "ranks by latency only while its quality is within routing.quality_margin of the best."
+    )
+    outputs: list[Output] = Field(
+        default_factory=list, description="What its answers can carry beyond text: `logprobs`, and `structured` "
+        "(JSON constrained to a schema: response_format, forced tool calls). A request that asks for one goes "
+        "only to backends that list it. Language-model backends have both unless their config says otherwise."
     )
 
     @field_validator("tasks")

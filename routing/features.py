@@ -31,6 +31,7 @@ class Features:
     query: str = ""  # what is asked (a chat's last user message), cut to QUERY_CHARS, for the intent classifier
     intent: tuple[str, float] | None = None  # the intent classifier's (task, confidence) for `query`
     caller: Caller = ANONYMOUS  # whose request: its permissions are a hard filter
+    outputs: frozenset[str] = frozenset()  # what the answer must carry (routing.config.Output): a hard filter
 
 
 def split_model(model: str) -> tuple[str | None, str | None]:

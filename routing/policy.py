@@ -33,6 +33,7 @@ class Exclusion(StrEnum):
     adapter = "adapter"  # has no such adapter
     forbidden = "forbidden"  # the caller may not use it
     context = "context"  # prompt + max_tokens beyond its context
+    output = "output"  # cannot give what the answer must carry (logprobs, structured output)
     unhealthy = "unhealthy"
 
 
@@ -180,6 +181,8 @@ class Policy:
             return Excluded(Exclusion.adapter, f"has no adapter {f.adapter!r}")
         if not f.caller.may_use(name, f.adapter):
             return Excluded(Exclusion.forbidden, f"not allowed for caller {f.caller.name}")
+        if missing := sorted(f.outputs - set(cap.outputs)):
+            return Excluded(Exclusion.output, f"cannot give {' or '.join(missing)} output")
         need = f.tokens + f.max_new_tokens
         if context and need > cap.max_context:
             return Excluded(Exclusion.context,
@@ -283,7 +286,8 @@ def _no_route(f: Features, task: str, excluded: Mapping[str, Excluded]) -> Routi
     """The error when every backend is excluded: decided by the exclusions' kinds, worded by their reasons."""
     detail = "; ".join(f"{n} {e.reason}" for n, e in excluded.items())
     kinds = {e.kind for e in excluded.values()}
-    if Exclusion.forbidden in kinds and kinds <= {Exclusion.forbidden, Exclusion.modality, Exclusion.task}:
+    if Exclusion.forbidden in kinds and kinds <= {Exclusion.forbidden, Exclusion.modality, Exclusion.task,
+                                                  Exclusion.output}:
         return RoutingError(f"caller {f.caller.name} may not use a backend that can serve this request: {detail}",
                             "forbidden", "model")
     if f.adapter is not None and kinds == {Exclusion.adapter}:

@@ -79,7 +79,7 @@ def apps(routing_log_path: Path, audit_log_path: Path) -> dict[str, dict]:
     stubs = copy.deepcopy(args)  # backends that load no model; an opened circuit stays open
     stubs["routing"].pop("intent")
     stubs["router"] |= {"unhealthy_after": 3, "unhealthy_cooldown_s": 3600}
-    text = {"modalities": ["text"], "max_context": 1024}
+    text = {"modalities": ["text"], "max_context": 1024, "outputs": []}  # they make neither logprobs nor JSON
     stubs["backends"] = [
         {"name": "broken", "kind": "lm", "engine": "tests.serve.engines:BrokenEngine", "model": "unused",
          "capability": text | {"tasks": {"text_generation": 1.0}}, "deployment": {"ray_actor_options": {"num_cpus": 0}}},

@@ -592,3 +592,101 @@ def test_mamba_a_failing_step_fails_the_rows_in_flight_and_the_engine_goes_on(mo
     failed, after, info = run(go())
     assert all(isinstance(f, RuntimeError) and "no memory left" in str(f) for f in failed)
     assert after.completion_tokens == 8 and info["running"] == 0 and info["continuous_batching"]
+
+
+# --- logprobs and structured outputs ------------------------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("model", ["embedded:tiny-llama", "embedded:tiny-mamba"])
+def test_logprobs_are_the_models_own_and_do_not_depend_on_batching(model):
+    """Each token's logprob is log_softmax of the model's logits for it, computed here by a plain forward
+    over prompt + answer; alone or batched beside other requests the values are the same."""
+
+    async def go():
+        engine = HFEngine(resolve_model(model))
+        await engine.start()
+        alone = await engine.generate(greedy(6, prompt="def add(a, b):", logprobs=3))
+        together = await asyncio.gather(*(engine.generate(greedy(6, prompt=p, logprobs=3)) for p in PROMPTS))
+        return engine, alone, together
+
+    engine, alone, together = run(go())
+    ids = engine.tokenizer.encode("def add(a, b):", add_special_tokens=False)
+    answer = engine.tokenizer.encode(alone.text, add_special_tokens=False)
+    with torch.inference_mode():
+        logits = engine.model(torch.tensor([ids + answer])).logits[0, len(ids) - 1:-1]
+    expected = torch.log_softmax(logits.float(), -1)
+    assert len(alone.logprobs) == 6 and answer == [expected[i].argmax().item() for i in range(6)]
+    for i, p in enumerate(alone.logprobs):
+        assert p.logprob == pytest.approx(expected[i, answer[i]].item(), abs=1e-4)
+        assert [t.logprob for t in p.top] == pytest.approx(expected[i].topk(3).values.tolist(), abs=1e-4)
+    assert b"".join(bytes(p.bytes) for p in alone.logprobs).decode() == alone.text
+    assert [p.logprob for p in together[0].logprobs] == pytest.approx([p.logprob for p in alone.logprobs], abs=1e-4)
+
+
+@pytest.mark.parametrize("model", ["embedded:tiny-llama", "embedded:tiny-mamba"])
+def test_constrained_rows_share_a_batch_with_free_ones_and_validate(model):
+    import json
+
+    import jsonschema
+
+    async def go():
+        engine = HFEngine(resolve_model(model))
+        await engine.start()
+        asks = [req("a person:", 80, temperature=1, json_schema=PERSON) for _ in range(4)]  # no seed: one batch
+        free = [req(p, 8) for p in PROMPTS]
+        before = engine.batches
+        answers = await asyncio.gather(*(engine.generate(r) for r in asks + free))
+        return answers, engine.batches - before
+
+    answers, batches = run(go())
+    for a in answers[:4]:
+        assert a.finish_reason == "stop"
+        jsonschema.validate(json.loads(a.text), PERSON)
+    assert all(a.completion_tokens == 8 or a.finish_reason == "stop" for a in answers[4:])
+    assert batches <= 2  # the constrained rows did not each run alone
+
+
+@pytest.mark.parametrize("same_tokenizer", [True, False], ids=["token ids", "text"])
+def test_a_constrained_stream_continues_inside_its_json(same_tokenizer):
+    """A JSON answer cut half-way and continued (with its token ids, or as text from another tokenizer) is
+    still one valid document: the grammar first consumes what was sent."""
+    import json
+
+    import jsonschema
+
+    async def go():
+        engine = HFEngine(resolve_model("embedded:tiny-mamba"))
+        await engine.start()
+        first = await collect(engine, req("a person:", 80, temperature=1, seed=5, json_schema=PERSON))
+        half = first[:len(first) // 2]
+        cont = Continuation(text_of(half), ids_of(half) if same_tokenizer else [],
+                            engine.fingerprint if same_tokenizer else None)
+        rest = await collect(engine, req("a person:", 80, temperature=1, seed=6, json_schema=PERSON,
+                                         continuation=cont))
+        return cont, rest
+
+    cont, rest = run(go())
+    assert cont.text.startswith("{") and not cont.text.endswith("}")
+    jsonschema.validate(json.loads(cont.text + text_of(rest)), PERSON)
+
+
+def test_logprobs_or_a_grammar_refuse_a_speculation_asked_for_and_skip_a_configured_one(models):
+    async def go():
+        engine = HFEngine(models["main"], speculation="prompt_lookup")
+        await engine.start()
+        with pytest.raises(InvalidRequest, match="cannot be combined with logprobs or response_format"):
+            await engine.generate(req("x", 4, logprobs=0, speculation="prompt_lookup"))
+        with pytest.raises(InvalidRequest, match="JSON schema cannot be used"):
+            await engine.generate(req("x", 4, json_schema={"type": "string", "pattern": "(?<=a)b"}))
+        with pytest.raises(InvalidRequest, match="ignore_eos cannot be combined"):
+            await engine.generate(req("x", 4, json_schema=PERSON, ignore_eos=True))
+        rounds = engine.spec_stats.rounds
+        plain = await engine.generate(req("x = 1\nx = 1\nx =", 8, logprobs=0))
+        return plain, engine.spec_stats.rounds - rounds
+
+    plain, rounds = run(go())
+    assert len(plain.logprobs) == plain.completion_tokens and rounds == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -224,11 +225,27 @@ def test_no_route_branches_on_the_kind_not_the_reason(case, f, excluded, kind, p
 
 def test_every_exclusion_kind_maps_to_one_error_kind():
     expected = {Exclusion.modality: "invalid", Exclusion.task: "invalid", Exclusion.adapter: "not_found",
-                Exclusion.forbidden: "forbidden", Exclusion.context: "invalid", Exclusion.unhealthy: "unavailable"}
+                Exclusion.forbidden: "forbidden", Exclusion.context: "invalid", Exclusion.unhealthy: "unavailable",
+                Exclusion.output: "invalid"}
     assert set(expected) == set(Exclusion)
     for kind, error in expected.items():
         for reason in (x(kind).reason, str(kind), "unhealthy", "does not accept text", "context 1 < 2"):
             assert _no_route(feat(model="a:sql"), "text_generation", {"a": Excluded(kind, reason)}).kind == error
+
+
+def test_an_answer_that_must_carry_logprobs_or_json_goes_only_where_they_are_made():
+    caps = {"lm": Capability(modalities=["text"], tasks={"text_generation": 0.5}, max_context=100,
+                             outputs=["logprobs", "structured"]),
+            "plain": Capability(modalities=["text"], tasks={"text_generation": 1.0}, max_context=100)}
+    policy = Policy(caps, RoutingConfig())
+    assert policy.decide(feat(max_new=1, tokens=1)).backend == "plain"
+    for outputs in ({"logprobs"}, {"structured"}, {"logprobs", "structured"}):
+        decision = policy.decide(replace(feat(max_new=1, tokens=1), outputs=frozenset(outputs)))
+        assert (decision.backend, decision.fallbacks) == ("lm", ())
+        assert decision.excluded["plain"].kind is Exclusion.output
+    with pytest.raises(RoutingError) as err:  # pinned to a backend that cannot: a 400 naming why
+        policy.decide(replace(feat(model="plain", max_new=1, tokens=1), outputs=frozenset({"logprobs"})))
+    assert err.value.kind == "invalid" and "cannot give logprobs output" in err.value.message
 
 
 def test_load_lowers_the_score(policy: Policy):

@@ -18,12 +18,14 @@ from transformers import AutoTokenizer
 
 from models.checkpoints import resolve_model
 from models.engine import Continuation, GenerationRequest, InvalidRequest, prompt_text, tokenizer_fingerprint
+from models.structured import Grammars
 from models.vllm_engine import (
     VLLMEngine,
     adapter_rank,
     check_speculation,
     engine_args,
     finish_reason,
+    logprobs_of,
     sampling_kwargs,
     speculation_name,
 )
@@ -33,6 +35,7 @@ from models.vllm_engine import (
 FIELDS = frozenset({
     "model", "dtype", "max_model_len", "enable_lora", "max_loras", "max_lora_rank", "speculative_config",
     "gpu_memory_utilization", "max_num_seqs", "enable_prefix_caching", "enforce_eager", "kv_cache_memory_bytes",
+    "structured_outputs_config",
 })
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
 
@@ -108,8 +111,32 @@ def test_sampling_kwargs():
     req = GenerationRequest("r", prompt="p", max_tokens=7, temperature=0, top_p=0.9, stop=["\n"], seed=3,
                             ignore_eos=True)
     assert sampling_kwargs(req) == {"max_tokens": 7, "temperature": 0, "top_p": 0.9, "stop": ["\n"], "seed": 3,
-                                    "ignore_eos": True}
+                                    "ignore_eos": True, "logprobs": None}
     assert sampling_kwargs(GenerationRequest("r", prompt="p"))["stop"] is None
+    assert sampling_kwargs(GenerationRequest("r", prompt="p", logprobs=3))["logprobs"] == 3
+
+
+def test_sampling_kwargs_constrain_to_the_schema():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    kwargs = sampling_kwargs(GenerationRequest("r", prompt="p", json_schema=schema))
+    assert kwargs["structured_outputs"] == {"json": schema}
+    with pytest.raises(InvalidRequest, match="cannot continue an answer under response_format"):
+        sampling_kwargs(GenerationRequest("r", prompt="p", json_schema=schema, continuation=Continuation("{")))
+    with pytest.raises(InvalidRequest, match="ignore_eos cannot be combined with response_format"):
+        sampling_kwargs(GenerationRequest("r", prompt="p", json_schema=schema, ignore_eos=True))
+
+
+def test_logprobs_of_vllms_entries():
+    """vLLM's per-token mappings (the chosen token, and the top ones by rank) become our Logprobs with
+    each token's exact bytes; the chosen token is in its own top list only when it ranks there."""
+    vlp = types.SimpleNamespace
+    entries = [{5: vlp(logprob=-0.1, rank=1), 7: vlp(logprob=-2.5, rank=2)},
+               {9: vlp(logprob=-3.0, rank=4), 5: vlp(logprob=-0.2, rank=1), 7: vlp(logprob=-1.9, rank=2)}]
+    out = logprobs_of([5, 9], entries, 2, lambda t: {5: b"a", 7: b"\xe2\x98", 9: b" b"}[t])
+    assert [(p.token, p.logprob, p.bytes) for p in out] == [("a", -0.1, [97]), (" b", -3.0, [32, 98])]
+    assert [(p.token, p.logprob) for p in out[0].top] == [("a", -0.1), ("\ufffd", -2.5)]
+    assert out[0].top[1].bytes == [0xE2, 0x98]  # part of a character: its bytes, as OpenAI gives them
+    assert [p.logprob for p in out[1].top] == [-0.2, -1.9]
 
 
 class ChatTemplate:
@@ -174,7 +201,9 @@ class ScriptLLM:
             now = self.tokenizer.decode(tokens[:i + 1], skip_special_tokens=True)
             piece, text = ("", text) if now.endswith("\ufffd") else (now[len(text):], now)
             last = i == len(tokens) - 1
-            out = types.SimpleNamespace(text=piece, token_ids=[token], finish_reason="length" if last else None)
+            logprobs = [{token: types.SimpleNamespace(logprob=-0.5, rank=1)}]  # as vLLM with logprobs=0
+            out = types.SimpleNamespace(text=piece, token_ids=[token], finish_reason="length" if last else None,
+                                        logprobs=logprobs)
             yield types.SimpleNamespace(finished=last, outputs=[out])
 
     async def abort(self, rid: str) -> None:
@@ -194,12 +223,17 @@ def scripted(monkeypatch) -> VLLMEngine:
     vllm.AsyncEngineArgs, vllm.SamplingParams = AsyncEngineArgs, types.SimpleNamespace
     params = types.ModuleType("vllm.sampling_params")
     params.RequestOutputKind = types.SimpleNamespace(DELTA="delta")
+    params.StructuredOutputsParams = types.SimpleNamespace
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.sampling_params", params)
     engine = VLLMEngine("tiny-llama", device="cpu", dtype="float32")
     engine.tokenizer = AutoTokenizer.from_pretrained(resolve_model("embedded:tiny-llama"))
     engine.fingerprint = tokenizer_fingerprint(engine.tokenizer)
+    exceptions = types.ModuleType("vllm.exceptions")
+    exceptions.VLLMClientError = type("VLLMClientError", (Exception,), {})
+    monkeypatch.setitem(sys.modules, "vllm.exceptions", exceptions)
     engine.engine, engine.max_context = ScriptLLM(engine.tokenizer), 1024
+    engine._token_bytes = Grammars(engine.tokenizer, len(engine.tokenizer)).token_bytes
     return engine
 
 
@@ -221,6 +255,16 @@ def test_vllm_stream_hands_out_every_token(scripted):
     assert [t for d in deltas for t in d.token_ids] == script
     assert all(d.tokenizer == scripted.fingerprint for d in deltas)
     assert (deltas[-1].finish_reason, deltas[-1].completion_tokens) == ("length", len(script))
+
+
+def test_vllm_stream_gives_each_tokens_logprob_with_its_piece(scripted):
+    script = scripted.engine.script
+    deltas = collect(scripted, scripted_request(len(script), logprobs=0))
+    assert all(len(d.logprobs) == len(d.token_ids) for d in deltas)
+    scored = [p for d in deltas for p in d.logprobs]
+    assert b"".join(bytes(p.bytes) for p in scored).decode() == SCRIPT  # every byte once, in order
+    assert {p.logprob for p in scored} == {-0.5}
+    assert all(d.logprobs is None for d in collect(scripted, scripted_request(3)))
 
 
 def test_vllm_continues_a_stream_with_its_token_ids(scripted):
