@@ -111,6 +111,8 @@ def vllm_server(backend: LMBackend, port: int) -> subprocess.Popen:
         flag = "--" + key.replace("_", "-")
         if value is True:
             cmd.append(flag)
+        elif isinstance(value, dict):  # a config group (structured_outputs_config): vLLM's CLI reads JSON
+            cmd += [flag, json.dumps(value)]
         elif value is not False:
             cmd += [flag, str(value)]
     if adapters:
