@@ -34,18 +34,15 @@ import argparse
 import asyncio
 import datetime
 import json
-import multiprocessing
 import statistics
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from bench.capability import CONFIGS, configs_for, write_lines
+from bench.capability import CONFIGS, configs_for, on_backend_interpreter, write_lines
 from deployments.config import AppConfig
 from deployments.lm import engine_for
 from models.engine import Engine, GenerationRequest
@@ -171,12 +168,8 @@ def run(contexts: list[int], new: list[int], repeats: int, config: Path = CONFIG
     stamp = f"python -m bench.long_context, {torch.get_num_threads()} threads, {datetime.date.today()}"
     results = {}
     for name in BACKENDS:  # one at a time, each in a fresh process, on the interpreter Serve would give it
-        context = multiprocessing.get_context("spawn")
-        runtime_env = app.backend(name).deployment.ray_actor_options.get("runtime_env") or {}
-        context.set_executable(runtime_env.get("py_executable", sys.executable))  # .venv-vllm for vLLM
-        with ProcessPoolExecutor(1, mp_context=context) as pool:
-            results[name] = pool.submit(measure, name, config, texts, cases, repeats, grid_repeats).result()
-        context.set_executable(sys.executable)
+        results[name] = on_backend_interpreter(app.backend(name), measure, name, config, texts, cases, repeats,
+                                               grid_repeats)
     curves = {name: r["curve"] for name, r in results.items()}
     costs = {name: fit(curve, stamp) for name, curve in curves.items()}
 

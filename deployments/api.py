@@ -190,6 +190,16 @@ class _Generation(Body):
     def docs(self) -> list[Document]:
         return [Document(d.text, d.page) for d in self.documents]
 
+    def outputs(self) -> frozenset[str]:
+        """What the answer must carry (routing.config.Output): backends that cannot give it are no candidates."""
+        return frozenset(["logprobs"] * (self.logprobs_k() is not None) + ["structured"] * (self.json_schema() is not None))
+
+    def logprobs_k(self) -> int | None:
+        raise NotImplementedError
+
+    def json_schema(self) -> dict[str, Any] | None:
+        raise NotImplementedError
+
 
 class ChatCompletionRequest(_Generation):
     messages: list[Message] = Field(min_length=1)

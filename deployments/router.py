@@ -136,10 +136,8 @@ class Router:
         self.records.decided(decision, time.perf_counter() - start)
         return decision
 
-    async def _features(self, endpoint: str, body: ChatCompletionRequest | CompletionRequest, out: Outcome,
-                        outputs: frozenset[str]) -> Features:
-        """The text request's features; the intent classifier's guess when the task is not given. `outputs`:
-        what the answer must carry (a hard filter)."""
+    async def _features(self, endpoint: str, body: ChatCompletionRequest | CompletionRequest, out: Outcome) -> Features:
+        """The text request's features; the intent classifier's guess when the task is not given."""
         if isinstance(body, ChatCompletionRequest):
             prompt = "\n".join(m.text() for m in body.messages)
             query = next((m.text() for m in reversed(body.messages) if m.role == "user"), prompt)
@@ -151,7 +149,7 @@ class Router:
                            param="max_tokens")
         f = text_features(endpoint=endpoint, prompt=prompt, documents=body.docs(), count_tokens=self.count_tokens,
                           max_new_tokens=max_new, model=body.model, task=body.task, query=query)
-        f = replace(f, caller=out.caller, outputs=outputs)
+        f = replace(f, caller=out.caller, outputs=body.outputs())
         if self.intent is not None and f.task is None and f.backend is None and f.query.strip():
             # Only where the task picks the backend: a pinned model goes where it names whatever the task.
             # A thread: the MiniLM encoder takes milliseconds (bench.classifier) the event loop should not wait out.
@@ -210,9 +208,8 @@ class Router:
                                "Use tool_choice 'required' or name a function; the answer is then a call whose "
                                "arguments follow the function's parameters", param="tool_choice")
             schema, k = body.json_schema(), body.logprobs_k()
-            outputs = frozenset(["logprobs"] * (k is not None) + ["structured"] * (schema is not None))
             image = http.chat_image(body) if chat else None
-            f = await self._features(endpoint, body, out, outputs)
+            f = await self._features(endpoint, body, out)
             self.limiter.take(f.caller, "tokens", f.tokens + f.max_new_tokens)
             if image is not None:  # a chat image picks the adapter first
                 f = await self._image_choice(image, f, out)

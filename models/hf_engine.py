@@ -574,13 +574,22 @@ class HFEngine(Engine):
 
     # --- engine API ----------------------------------------------------------------
 
-    async def _tokens(self, job: _Job) -> AsyncIterator[int]:
-        """The job's tokens as they come; cancels the job if the consumer stops early."""
+    async def _tokens(self, job: _Job) -> AsyncIterator[list[int]]:
+        """The job's tokens as they come, each time all those made since the last (several when the
+        consumer fell behind the engine: one piece then carries them, one message through Serve instead
+        of one per token); cancels the job if the consumer stops early."""
         try:
-            while (item := await job.queue.get()) is not None:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
+            while True:
+                items = [await job.queue.get()]
+                while not job.queue.empty() and items[-1] is not None:
+                    items.append(job.queue.get_nowait())
+                tokens = [t for t in items if isinstance(t, int)]
+                if tokens:
+                    yield tokens
+                if isinstance(items[-1], Exception):
+                    raise items[-1]
+                if items[-1] is None:
+                    return
         finally:
             if not job.done:
                 job.cancel.set()  # the client went away or the deadline passed: stop at the next token
@@ -588,7 +597,7 @@ class HFEngine(Engine):
     async def generate(self, request: GenerationRequest) -> Completion:
         job = self._submit(request)
         answer = Answer(request, job.prompt, self._decode)
-        text = answer.add([t async for t in self._tokens(job)])
+        text = answer.add([t async for tokens in self._tokens(job) for t in tokens])
         text += answer.rest()
         return Completion(text, len(job.prompt.ids), len(answer.tokens), self._reason(answer, job.cancel.is_set()),
                           job.prompt.cut, self._logprobs(job, 0, len(answer.tokens)))
@@ -600,8 +609,8 @@ class HFEngine(Engine):
         cut, fingerprint = job.prompt.cut, self.fingerprint
         stream = self._tokens(job)
         try:
-            async for token in stream:
-                text = answer.add([token])
+            async for tokens in stream:
+                text = answer.add(tokens)
                 if answer.stopped:
                     break
                 if text:

@@ -6,7 +6,9 @@ the hf engine and the embedded tiny Llama."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import jsonschema
 import pytest
 from transformers import AutoTokenizer
 
@@ -60,3 +62,35 @@ def test_the_shipped_default_streams_from_vllm_with_its_usage(client, default):
     unary = client.post(f"{default}/v1/chat/completions", json=body | {"stream": False}).json()
     assert text == unary["choices"][0]["message"]["content"]  # greedy: the same answer either way
     assert events[-1]["usage"]["completion_tokens"] == unary["usage"]["completion_tokens"] > 0
+
+
+SCHEMAS = json.loads((Path(__file__).parents[2] / "bench" / "data" / "schemas.json").read_text())
+
+
+def test_the_shipped_default_gives_logprobs_from_vllm(client, default):
+    body = {"model": "transformer", "messages": [{"role": "user", "content": "Name a colour."}], "temperature": 0,
+            "max_tokens": 6, "logprobs": True, "top_logprobs": 2}
+    r = client.post(f"{default}/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert len(content) == r.json()["usage"]["completion_tokens"]
+    for t in content:  # greedy: each token is the likeliest
+        assert t["logprob"] <= 0 and len(t["top_logprobs"]) == 2 and t["top_logprobs"][0]["token"] == t["token"]
+
+
+@pytest.mark.parametrize("name", ["person", "order"])
+def test_the_shipped_default_answers_in_json_from_vllm_and_calls_tools(client, default, name):
+    fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name], "strict": True}}
+    body = {"model": "transformer", "messages": [{"role": "user", "content": f"Invent a {name}."}],
+            "temperature": 1, "max_tokens": 200, "response_format": fmt}
+    r = client.post(f"{default}/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), SCHEMAS[name])
+    tool = {"type": "function", "function": {"name": f"save_{name}", "parameters": SCHEMAS[name]}}
+    r = client.post(f"{default}/v1/chat/completions", json=body | {"response_format": None, "tools": [tool],
+                                                                    "tool_choice": "required"})
+    assert r.status_code == 200, r.text
+    (call,) = r.json()["choices"][0]["message"]["tool_calls"][:1]
+    assert call["function"]["name"] == f"save_{name}"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[name])
