@@ -145,8 +145,10 @@ async def _measure(name: str, config: Path, texts: dict[int, str], cases: dict[t
             if engine.max_context is None or context <= engine.max_context:
                 seconds, prompt_tokens[(context, n)] = await timed(engine, prompt, n)
                 runs[(context, n)].append(seconds)
+    kernel = engine.info()["kernel"]
+    engine.close()
     return {"curve": curve, "seconds": {case: statistics.median(s) for case, s in runs.items() if s},
-            "prompt_tokens": prompt_tokens, "kernel": engine.info()["kernel"]}
+            "prompt_tokens": prompt_tokens, "kernel": kernel}
 
 
 def measure(*args) -> dict:

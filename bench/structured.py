@@ -77,9 +77,11 @@ async def _measure(name: str, generations: int) -> dict:
                 constrained.append(per_token)
                 free.append(free_per_token)
         print(f"  {name} {schema_name}: {valid[schema_name]}/{generations} valid", flush=True)
+    info = engine.info()
+    engine.close()
     total = generations * len(SCHEMAS)
     c, f = statistics.median(constrained), statistics.median(free)
-    return {"engine": engine.info()["engine"], "valid": sum(valid.values()), "generations": total,
+    return {"engine": info["engine"], "valid": sum(valid.values()), "generations": total,
             "valid_per_schema": {s: valid[s] for s in SCHEMAS}, "finish_reasons": dict(reasons),
             "constrained_ms_per_token_p50": round(c, 2), "free_ms_per_token_p50": round(f, 2),
             "constrained_over_free": round(c / f, 3), "pairs": len(constrained)}

@@ -270,3 +270,7 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def info(self) -> dict[str, Any]:
         """Engine, device, kernel path, model, context length, adapters: shown in /v1/models."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stops the engine's workers (threads, child processes); a process that ends without it may hang."""

@@ -288,6 +288,11 @@ class HFEngine(Engine):
             "parameters": sum(p.numel() for p in self.model.parameters()),
         }
 
+    def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     async def check_health(self) -> None:
         if self.model is None:
             raise RuntimeError("model not loaded")

@@ -85,13 +85,15 @@ def logprobs(scores: torch.Tensor, token: int, top: int, token_bytes) -> Logprob
     alternatives = []
     if top:
         values, ids = torch.topk(logp, top)
-        alternatives = [_entry(i, v, token_bytes) for i, v in zip(ids.tolist(), values.tolist()) if v > float("-inf")]
-    chosen = _entry(token, logp[token].item(), token_bytes)
+        alternatives = [entry(i, v, token_bytes) for i, v in zip(ids.tolist(), values.tolist()) if v > float("-inf")]
+    chosen = entry(token, logp[token].item(), token_bytes)
     chosen.top = alternatives
     return chosen
 
 
-def _entry(token: int, value: float, token_bytes) -> Logprob:
+def entry(token: int, value: float, token_bytes) -> Logprob:
+    """A token's Logprob without alternatives: its text (bytes that are part of a character shown as
+    U+FFFD), value and bytes."""
     raw = token_bytes(token)
     return Logprob(raw.decode("utf-8", errors="replace"), value, list(raw))
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from models.engine import (Answer, Completion, Delta, Engine, FinishReason, GenerationRequest, InvalidRequest, Logprob,
                            Prompt, prompt_ids, tokenizer_fingerprint)
-from models.structured import Grammars  # llguidance: a dependency of vLLM's too
+from models.structured import Grammars, entry  # llguidance: a dependency of vLLM's too
 
 logger = logging.getLogger(__name__)
 
@@ -130,16 +130,11 @@ def sampling_kwargs(request: GenerationRequest) -> dict[str, Any]:
 def logprobs_of(token_ids: list[int], entries: list[Mapping[int, Any]], top: int, token_bytes) -> list[Logprob]:
     """Our Logprobs from vLLM's: per token a mapping from token id to vLLM's Logprob (logprob, rank), which
     holds the chosen token and the `top` likeliest; `token_bytes(id)` gives a token's bytes."""
-
-    def entry(token: int, value: float) -> Logprob:
-        raw = token_bytes(token)
-        return Logprob(raw.decode("utf-8", errors="replace"), value, list(raw))
-
     out = []
     for token, alternatives in zip(token_ids, entries):
-        chosen = entry(token, alternatives[token].logprob)
+        chosen = entry(token, alternatives[token].logprob, token_bytes)
         ranked = sorted(alternatives.items(), key=lambda kv: kv[1].rank)
-        chosen.top = [entry(t, lp.logprob) for t, lp in ranked if lp.rank <= top][:top]
+        chosen.top = [entry(t, lp.logprob, token_bytes) for t, lp in ranked if lp.rank <= top][:top]
         out.append(chosen)
     return out
 
@@ -261,6 +256,11 @@ class VLLMEngine(Engine):
             "batches": self.steps,
             "speculation_acceptance": round(self.accepted / self.drafted, 3) if self.drafted else None,
         }
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()  # the engine core process
+            self.engine = None
 
     async def check_health(self) -> None:
         if self.engine is None:

@@ -38,6 +38,9 @@ class _NoModel(Engine):
     def info(self) -> dict:
         return {"engine": self.name, "architecture": "none", "kernel": "none", "device": "cpu"}
 
+    def close(self) -> None:
+        pass
+
 
 class BrokenEngine(_Fails, _NoModel):
     """Fails every call, loading nothing."""
