@@ -282,15 +282,19 @@ class ChatCompletionRequest(_Generation):
             return {"type": "object"}
         return self.response_format.json_schema.schema_
 
-    def tool_calls(self, text: str) -> list[dict[str, Any]]:
-        """The tool calls an answer constrained by json_schema() holds, in OpenAI's shape."""
-        answer = json.loads(text)
-        if isinstance(self.tool_choice, NamedToolChoice):
-            calls = [(self.tool_choice.function.name, answer)]
+    def tool_calls(self, text: str, complete: bool) -> list[dict[str, Any]] | None:
+        """The tool calls an answer constrained by json_schema() holds, in OpenAI's shape. An answer cut
+        short (max_tokens) of a named function is its call with the arguments so far, as OpenAI and vLLM
+        give it; one of 'required' (a list of calls cut anywhere) has none: its text is the content."""
+        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        if not complete:
+            calls = [(named, text)] if named is not None else []
+        elif named is not None:
+            calls = [(named, json.dumps(json.loads(text)))]
         else:
-            calls = [(c["name"], c["arguments"]) for c in answer]
-        return [{"id": new_id("call"), "type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
-                for n, a in calls]
+            calls = [(c["name"], json.dumps(c["arguments"])) for c in json.loads(text)]
+        return [{"id": new_id("call"), "type": "function", "function": {"name": n, "arguments": a}}
+                for n, a in calls] or None
 
     def logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -405,8 +409,9 @@ def completion_body(text: str, finish_reason: str, tokens: tuple[int, int], chat
     """A chat.completion or text_completion object; with tool_calls, the message is the calls."""
     if chat:
         message = {"role": "assistant", "content": text}
-        if tool_calls:
-            message, finish_reason = {"role": "assistant", "content": None, "tool_calls": tool_calls}, "tool_calls"
+        if tool_calls:  # finish_reason tool_calls, unless they were cut short
+            message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
+            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
         choice = {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": chat_logprobs(scored)}
         return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": model,
                 "choices": [choice], "usage": usage(*tokens), "switchyard": switchyard}

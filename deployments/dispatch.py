@@ -198,7 +198,7 @@ class Dispatcher:
             out.tried(name, Kind.invalid, f"refused: {failure.message}")
         elif failure.kind == "invalid":
             self.breakers[name].record(failed=False)  # the backend is fine: the request is not
-            raise ApiError(400, failure.message)
+            raise ApiError(400, failure.message, param=failure.param)
         else:
             logger.warning("backend %s failed: %s", name, failure.message)
             self.breakers[name].record(failed=True)

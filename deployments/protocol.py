@@ -23,13 +23,14 @@ T = TypeVar("T")
 class Failure:
     kind: Literal["invalid", "unsupported", "internal"]
     message: str
+    param: str | None = None  # the request field at fault (invalid)
 
 
 def _failure(exc: Exception) -> Failure:
     if isinstance(exc, Unsupported):
         return Failure("unsupported", str(exc))
     if isinstance(exc, InvalidRequest):
-        return Failure("invalid", str(exc))
+        return Failure("invalid", str(exc), exc.param)
     logger.exception("backend call failed")
     return Failure("internal", f"{type(exc).__name__}: {exc}")
 

@@ -230,10 +230,15 @@ class Router:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 return sse_response(self.records, out, self.dispatch.relay(out, req, opened), opened,
                                     Chunks(chat, model), include_usage)
-            result: Completion = await self.dispatch.call(out, Call("generate", req))
+            try:
+                result: Completion = await self.dispatch.call(out, Call("generate", req))
+            except ApiError as exc:
+                if tools and exc.param == "response_format":  # the schema was a tool's parameters
+                    exc.param = "tools"
+                raise
             out.usage = (result.prompt_tokens, result.completion_tokens)
             model = out.served_by if f.adapter is None else f"{out.served_by}:{f.adapter}"
-            calls = body.tool_calls(result.text) if tools and result.finish_reason == "stop" else None
+            calls = body.tool_calls(result.text, result.finish_reason == "stop") if tools else None
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 return tool_call_stream(Chunks(chat, model), calls, result, include_usage, out)

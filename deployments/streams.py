@@ -61,7 +61,7 @@ async def _events(records: Records, out: Outcome, pieces: AsyncIterator[Delta | 
 def tool_call_stream(chunks: Chunks, calls: list[dict[str, Any]] | None, result: Completion, include_usage: bool,
                      out: Outcome) -> StreamingResponse:
     """A forced tool call, streamed once it is whole: the calls in one chunk, then the finishing chunk (an
-    answer cut short, with no calls, as its text). The router made it with a unary call, which it could
+    answer cut short without calls, ChatCompletionRequest.tool_calls, as its text). The router made it with a unary call, which it could
     retry elsewhere while nothing had been sent."""
 
     def events() -> Iterator[str]:
@@ -70,7 +70,8 @@ def tool_call_stream(chunks: Chunks, calls: list[dict[str, Any]] | None, result:
             yield chunks.tool_calls(calls)
         else:
             yield chunks.piece(result.text, scored=result.logprobs)
-        yield chunks.piece(None, "tool_calls" if calls else result.finish_reason, switchyard=out.body())
+        finish = "tool_calls" if calls and result.finish_reason == "stop" else result.finish_reason
+        yield chunks.piece(None, finish, switchyard=out.body())
         if include_usage:
             yield chunks.usage(result.prompt_tokens, result.completion_tokens)
         yield Chunks.DONE

@@ -142,7 +142,12 @@ def first_stop(text: str, stops: list[str]) -> int | None:
 
 
 class InvalidRequest(ValueError):
-    """The request is at fault (too long, unknown adapter...): the router answers 400, no fallback."""
+    """The request is at fault (too long, unknown adapter...): the router answers 400, no fallback.
+    `param`: the request field at fault, when one is."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class Unsupported(ValueError):

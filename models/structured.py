@@ -24,6 +24,7 @@ from models.engine import InvalidRequest, Logprob
 # JSON as the answer's text: items and keys separated as json.dumps does, no other whitespace (a model
 # sampled at temperature 1 could otherwise spend its tokens on spaces).
 JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+SCHEMA = "response_format"  # the request field a schema comes from (the router says `tools` for a tool call's)
 
 
 class Grammars:
@@ -41,12 +42,12 @@ class Grammars:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_FORMAT)
             error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
         except (ValueError, TypeError, RuntimeError) as exc:
-            raise InvalidRequest(f"response_format's JSON schema cannot be used: {exc}") from None
+            raise InvalidRequest(f"response_format's JSON schema cannot be used: {exc}", SCHEMA) from None
         if error:
-            raise InvalidRequest(f"response_format's JSON schema cannot be used: {error}")
+            raise InvalidRequest(f"response_format's JSON schema cannot be used: {error}", SCHEMA)
         matcher = llguidance.LLMatcher(self.tokenizer, grammar)
         if matcher.is_error():
-            raise InvalidRequest(f"response_format's JSON schema cannot be used: {matcher.get_error()}")
+            raise InvalidRequest(f"response_format's JSON schema cannot be used: {matcher.get_error()}", SCHEMA)
         return Constraint(matcher, self)
 
     def token_bytes(self, token: int) -> bytes:

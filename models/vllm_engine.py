@@ -24,7 +24,7 @@ from typing import Any
 
 from models.engine import (Answer, Completion, Delta, Engine, FinishReason, GenerationRequest, InvalidRequest, Logprob,
                            Prompt, prompt_ids, tokenizer_fingerprint)
-from models.structured import Grammars, entry  # llguidance: a dependency of vLLM's too
+from models.structured import SCHEMA, Grammars, entry  # llguidance: a dependency of vLLM's too
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ class VLLMEngine(Engine):
         except VLLMClientError as exc:  # vLLM refused the request (a schema its grammar backend cannot take...)
             if completion_tokens:
                 raise
-            raise InvalidRequest(str(exc)) from None
+            raise InvalidRequest(str(exc), SCHEMA if request.json_schema is not None else None) from None
         finally:
             if not finished:  # the consumer went away (client gone, deadline) or failed: free the slot
                 await self.engine.abort(rid)

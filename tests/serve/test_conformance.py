@@ -43,16 +43,23 @@ def greedy(**extra) -> dict:
 # --- logprobs -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", LM)
-def test_chat_logprobs_cover_every_token_with_the_top_alternatives(oai, model):
-    c = oai.chat.completions.create(model=model, logprobs=True, top_logprobs=3, **greedy())
+def assert_greedy_logprobs(c, top: int) -> list:
+    """A greedy answer's chat logprobs: one per token, whose bytes make the text, each the likeliest of
+    its `top` alternatives (sorted). Returns the entries."""
     content = c.choices[0].logprobs.content
     assert len(content) == c.usage.completion_tokens == 6
     assert b"".join(bytes(t.bytes) for t in content).decode() == c.choices[0].message.content
     for t in content:
         tops = [x.logprob for x in t.top_logprobs]
-        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and t.logprob <= 0
+        assert len(tops) == top and tops == sorted(tops, reverse=True) and t.logprob <= 0
         assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob  # greedy: the argmax
+    return content
+
+
+@pytest.mark.parametrize("model", LM)
+def test_chat_logprobs_cover_every_token_with_the_top_alternatives(oai, model):
+    content = assert_greedy_logprobs(oai.chat.completions.create(model=model, logprobs=True, top_logprobs=3,
+                                                                 **greedy()), 3)
     bare = oai.chat.completions.create(model=model, logprobs=True, **greedy())
     assert [t.token for t in bare.choices[0].logprobs.content] == [t.token for t in content]
     assert all(t.top_logprobs == [] for t in bare.choices[0].logprobs.content)
@@ -116,7 +123,11 @@ def test_a_schema_the_grammar_library_cannot_compile_is_a_400_naming_why(oai):
     with pytest.raises(openai.BadRequestError) as err:
         oai.chat.completions.create(model="transformer", messages=HI, max_tokens=4, response_format={
             "type": "json_schema", "json_schema": {"name": "bad", "schema": bad}})
-    assert "JSON schema cannot be used" in err.value.body["message"]
+    assert "JSON schema cannot be used" in err.value.body["message"] and err.value.body["param"] == "response_format"
+    tool = {"type": "function", "function": {"name": "f", "parameters": bad}}
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model="transformer", messages=HI, max_tokens=4, tools=[tool], tool_choice="required")
+    assert err.value.body["param"] == "tools"
 
 
 def test_speculation_and_a_grammar_together_are_refused(oai):
@@ -170,6 +181,20 @@ def test_a_tool_call_streams_and_its_answer_goes_back(oai):
     c = oai.chat.completions.create(model="transformer", messages=messages, max_tokens=8, tools=[WEATHER],
                                     tool_choice="none")
     assert c.choices[0].finish_reason in ("stop", "length") and c.choices[0].message.tool_calls is None
+
+
+def test_a_named_call_cut_short_has_its_arguments_so_far(oai):
+    """As OpenAI and vLLM: the call with the partial arguments and finish_reason length, not text."""
+    c = oai.chat.completions.create(model="transformer", messages=[{"role": "user", "content": "weather?"}],
+                                    max_tokens=3, temperature=1, seed=0, tools=[WEATHER],
+                                    tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    (call,) = c.choices[0].message.tool_calls
+    assert c.choices[0].finish_reason == "length" and c.choices[0].message.content is None
+    assert call.function.name == "get_weather" and call.function.arguments.startswith("{")
+    required = oai.chat.completions.create(model="transformer", messages=[{"role": "user", "content": "weather?"}],
+                                           max_tokens=3, temperature=1, seed=0, tools=[WEATHER], tool_choice="required")
+    assert required.choices[0].finish_reason == "length" and required.choices[0].message.tool_calls is None
+    assert required.choices[0].message.content.startswith("[")
 
 
 @pytest.mark.parametrize("choice", [{}, {"tool_choice": "auto"}])

@@ -36,6 +36,8 @@ os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 import litellm  # noqa: E402
 from litellm.llms.custom_httpx.http_handler import HTTPHandler  # noqa: E402
 
+from tests.serve.test_conformance import assert_greedy_logprobs  # noqa: E402
+
 # LiteLLM's pydantic types warn about typing.ReadOnly as they are built, at the first calls
 pytestmark = pytest.mark.filterwarnings("ignore:.*ReadOnly:UserWarning")
 
@@ -150,13 +152,7 @@ def test_a_stream_is_the_unary_answer_with_its_usage(via, model):
 def test_chat_logprobs_unary_and_streamed(via, model):
     c = via.chat(model, logprobs=True, top_logprobs=3, **greedy())
     assert via.sent[-1]["logprobs"] is True and via.sent[-1]["top_logprobs"] == 3
-    content = c.choices[0].logprobs.content
-    assert len(content) == c.usage.completion_tokens == 6
-    assert b"".join(bytes(t.bytes) for t in content).decode() == c.choices[0].message.content
-    for t in content:
-        tops = [x.logprob for x in t.top_logprobs]
-        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and t.logprob <= 0
-        assert t.top_logprobs[0].token == t.token  # greedy: the argmax
+    content = assert_greedy_logprobs(c, 3)
     chunks = list(via.chat(model, logprobs=True, top_logprobs=3, stream=True, **greedy()))
     streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
     assert [t.token for t in streamed] == [t.token for t in content]
@@ -208,7 +204,7 @@ def test_a_schema_the_grammar_library_cannot_compile_is_a_400(via):
     bad = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=x)a"}}}  # look-behind
     with pytest.raises(litellm.BadRequestError) as err:
         via.chat(max_tokens=4, response_format={"type": "json_schema", "json_schema": {"name": "bad", "schema": bad}})
-    assert "JSON schema cannot be used" in refused_by_server(via, err, None)  # the server names no param here
+    assert "JSON schema cannot be used" in refused_by_server(via, err, "response_format")
 
 
 # --- tools ----------------------------------------------------------------------------------------
