@@ -160,7 +160,7 @@ class _Generation(Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, validate_default=True, description="Up to 4 stop strings.")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="A 64-bit integer, signed or not.")
     task: Task | None = Field(None, description="Explicit task; otherwise inferred.")
     documents: list[DocumentIn] = Field(default_factory=list, description="Text with page numbers.")
     ignore_eos: bool = Field(False, description="Generate max_tokens even past end-of-sequence (as vLLM).")

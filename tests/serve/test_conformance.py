@@ -213,6 +213,7 @@ def test_tool_choice_auto_is_refused_without_a_parser(oai, choice):
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.json_schema"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0"),
+    ({"seed": 2**64}, "seed"),  # beyond the 64 bits a generator takes
 ])
 def test_inconsistent_tool_and_logprob_parameters_are_400s(client, extra, param):
     r = client.post("/v1/chat/completions", json={"model": "transformer", "messages": HI, "max_tokens": 2} | extra)

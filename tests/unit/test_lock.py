@@ -2,6 +2,7 @@
 lock/requirements.txt, so what passes here is what a fresh clone gets."""
 
 import re
+import sysconfig
 from importlib import metadata
 
 from tests.support import ROOT
@@ -17,7 +18,10 @@ def canonical(name: str) -> str:
 
 def test_every_locked_package_is_installed_at_its_locked_version():
     locked = {canonical(n): v for f in ("requirements.txt", "weights.txt") for n, v in pins(ROOT / "lock" / f).items()}
-    installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # the venv's own site-packages: once something imports setuptools (litellm does), its vendored copies
+    # of packaging, zipp... are on sys.path too, with dist-infos of older versions
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions(path=site)}
     wrong = {n: (v, installed.get(n)) for n, v in locked.items() if installed.get(n) != v}
     assert not wrong, f"(locked, installed): {wrong}; `make setup` after `rm -rf .venv` installs the lock"
 
