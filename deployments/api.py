@@ -195,10 +195,12 @@ class _Generation(Body):
         return frozenset(["logprobs"] * (self.logprobs_k() is not None) + ["structured"] * (self.json_schema() is not None))
 
     def logprobs_k(self) -> int | None:
-        raise NotImplementedError
+        """Alternatives per token when logprobs are asked for (0 for the chosen token's alone), else None."""
+        return None
 
     def json_schema(self) -> dict[str, Any] | None:
-        raise NotImplementedError
+        """The schema the answer is constrained to; None for text (completions always)."""
+        return None
 
 
 class ChatCompletionRequest(_Generation):
@@ -313,9 +315,6 @@ class CompletionRequest(_Generation):
 
     def new_tokens(self, default: int) -> int:
         return self.max_tokens or default
-
-    def json_schema(self) -> None:
-        return None
 
     def logprobs_k(self) -> int | None:
         return self.logprobs
