@@ -61,8 +61,8 @@ async def _events(records: Records, out: Outcome, pieces: AsyncIterator[Delta | 
 def tool_call_stream(chunks: Chunks, calls: list[dict[str, Any]] | None, result: Completion, include_usage: bool,
                      out: Outcome) -> StreamingResponse:
     """A forced tool call, streamed once it is whole: the calls in one chunk, then the finishing chunk (an
-    answer cut short without calls, ChatCompletionRequest.tool_calls, as its text). The router made it with a unary call, which it could
-    retry elsewhere while nothing had been sent."""
+    answer cut short without calls, ChatCompletionRequest.tool_calls, as its text). The router made it
+    with a unary call, which it could retry elsewhere while nothing had been sent."""
 
     def events() -> Iterator[str]:
         yield chunks.piece("", role=True, switchyard=out.body())

@@ -41,13 +41,13 @@ class Grammars:
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_FORMAT)
             error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
+            matcher = None if error else llguidance.LLMatcher(self.tokenizer, grammar)
         except (ValueError, TypeError, RuntimeError) as exc:
-            raise InvalidRequest(f"response_format's JSON schema cannot be used: {exc}", SCHEMA) from None
+            error = str(exc)
+        if not error and matcher.is_error():
+            error = matcher.get_error()
         if error:
             raise InvalidRequest(f"response_format's JSON schema cannot be used: {error}", SCHEMA)
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar)
-        if matcher.is_error():
-            raise InvalidRequest(f"response_format's JSON schema cannot be used: {matcher.get_error()}", SCHEMA)
         return Constraint(matcher, self)
 
     def token_bytes(self, token: int) -> bytes:
