@@ -10,8 +10,9 @@ benchmark as the client (`vllm.benchmarks.serve`, run from .venv-vllm):
 
 Both servers run throughout; at each concurrency every target is measured in turn, so machine noise
 hits all alike. Each point: random prompts of --input-len tokens (SmolLM2's tokenizer), --output-len
-tokens out with ignore_eos, chat completions streamed, `max(8, 4 x concurrency)` requests, the random
-prompts seeded per point (100 + concurrency; the warm-up's 1), so that no prompt repeats.
+tokens out with ignore_eos, chat completions streamed, `max(8, --rounds x concurrency)` requests, the
+random prompts seeded per point (100 + concurrency; the warm-up's 1), so that no prompt repeats.
+--targets measures some of the four (vLLM's server starts only when its row or the hop needs it).
 
 The router hop against LiteLLM's: LiteLLM's proxy (.venv-litellm, one worker, the vLLM server above as its
 one model) against Switchyard's router in front of the transformer backend, each as the latency it adds
@@ -20,14 +21,16 @@ own (bench.router_overhead.deploy_direct, given the chat template's text). --hop
 greedy chats, one request at a time, the four paths in a new order each round (bench.router_overhead's
 `interleaved`); the hop is the p50 through it less the p50 straight.
 
-    python -m bench.peers [--only serving|hop] [--concurrency 1 4 16] [--input-len 256] [--output-len 64]
-                          [--hop-requests 100]
+    python -m bench.peers [--only serving|hop] [--targets vllm switchyard-vllm ...] [--concurrency 1 4 16]
+                          [--input-len 256] [--output-len 64] [--rounds 4] [--hop-requests 100]
 
 It installs nothing: `make peers` makes .venv, .venv-vllm and .venv-litellm from the locks.
 
 Last line: one JSON object: per target and concurrency, output tokens/s, TTFT and TPOT p50 and p99 (ms),
-failed requests; the ratios of switchyard-vllm to vllm (throughput, TTFT p50); and `router_hop`: the
-p50 and p99 of each hop's path, what LiteLLM's and Switchyard's hops add at p50 and their ratio.
+failed requests; the ratios of switchyard-vllm to vllm (throughput, TTFT p50); each target's own scaling,
+its figures at every concurrency over those at the lowest (`scaling`: the Mamba's targets are tokens/s at
+16 over 1 and TTFT p50 at 16 over 1); and `router_hop`: the p50 and p99 of each hop's path, what LiteLLM's
+and Switchyard's hops add at p50 and their ratio.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ CLIENT = ("import json, sys\nfrom vllm.benchmarks.serve import add_cli_args, mai
 HF_KWARGS = {"max_batch_size": 16, "batch_wait_ms": 3, "max_batch_wait_ms": 25, "speculation": "none",
              "prompt_lookup_tokens": 10, "max_loaded_adapters": 4}
 PARTS = ("serving", "hop")
+TARGETS = ("vllm", "switchyard-vllm", "switchyard-hf", "switchyard-mamba")
 HOP_MESSAGES = [{"role": "user", "content": "hi"}]
 
 
@@ -138,7 +142,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600, log: P
 
 
 def measure(base_url: str, model: str, tokenizer: str, concurrency: int, input_len: int, output_len: int,
-            seed: int) -> dict:
+            seed: int, rounds: int = 4) -> dict:
     """One point of vLLM's serving benchmark; the figures it reports. Each point has its own `seed`, the
     same for every target: no prompt repeats an earlier point's, so prefix caching finds nothing."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
@@ -146,7 +150,7 @@ def measure(base_url: str, model: str, tokenizer: str, concurrency: int, input_l
                         "--endpoint", "/v1/chat/completions", "--model", model, "--tokenizer", tokenizer,
                         "--dataset-name", "random", "--random-input-len", str(input_len),
                         "--random-output-len", str(output_len), "--ignore-eos", "--seed", str(seed),
-                        "--num-prompts", str(max(8, 4 * concurrency)), "--max-concurrency", str(concurrency),
+                        "--num-prompts", str(max(8, rounds * concurrency)), "--max-concurrency", str(concurrency),
                         "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
                         "--disable-tqdm"], check=True, stdout=subprocess.DEVNULL)
         r = json.loads(Path(out.name).read_text())
@@ -154,6 +158,19 @@ def measure(base_url: str, model: str, tokenizer: str, concurrency: int, input_l
             "ttft_p99_ms": round(r["p99_ttft_ms"], 1), "tpot_p50_ms": round(r["median_tpot_ms"], 1),
             "tpot_p99_ms": round(r["p99_tpot_ms"], 1), "completed": r["completed"],
             "failed": r.get("failed", r["num_prompts"] - r["completed"] if "num_prompts" in r else 0)}
+
+
+def scaling(results: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
+    """Per target, its output tokens/s and TTFT p50 at each concurrency over those at its lowest."""
+    out = {}
+    for name, points in results.items():
+        if not points:
+            continue
+        base = points[min(points)]
+        out[name] = {c: {"throughput": round(p["output_tok_s"] / base["output_tok_s"], 2),
+                         "ttft_p50": round(p["ttft_p50_ms"] / base["ttft_p50_ms"], 2)}
+                     for c, p in points.items() if c != min(points)}
+    return out
 
 
 def router_hop(vllm: str, litellm: str, switchyard: str, backend: str, backend_prompt: str, model: str,
@@ -185,13 +202,16 @@ def router_hop(vllm: str, litellm: str, switchyard: str, backend: str, backend_p
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=PARTS, help="Measure one part: the serving table or the router hop.")
+    parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--rounds", type=int, default=4, help="Requests per point: concurrency x this (8 at least).")
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--hop-requests", type=int, default=100, help="Rounds of the router hop's four paths.")
     args = parser.parse_args()
     parts = [args.only] if args.only else list(PARTS)
     check_venvs(parts)
+    with_vllm = "hop" in parts or "vllm" in args.targets
 
     import ray
     from ray import serve
@@ -210,7 +230,7 @@ def main() -> None:
 
     vllm_port, serve_port, litellm_port = 8811, 8812, 8813
     vllm_url, serve_url, litellm_url = (f"http://127.0.0.1:{p}" for p in (vllm_port, serve_port, litellm_port))
-    server = vllm_server(transformer, vllm_port)
+    server = vllm_server(transformer, vllm_port) if with_vllm else None
     proxy_dir = Path(tempfile.mkdtemp(prefix="litellm-"))  # its config and log
     proxy = None
     if "hop" in parts:
@@ -219,18 +239,20 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
     serve.run(build_app(shipped.model_dump()), name="switchyard", route_prefix="/")
-    if "serving" in parts:
+    if "serving" in parts and "switchyard-hf" in args.targets:
         serve.run(build_app(hf), name="hf", route_prefix="/hf")
     if "hop" in parts:
         direct = deploy_direct(transformer)
-    targets = {"vllm": (vllm_url, "transformer"),
-               "switchyard-vllm": (serve_url, "transformer"),
-               "switchyard-hf": (f"{serve_url}/hf", "transformer"),
-               "switchyard-mamba": (serve_url, "mamba")}
+    paths = {"vllm": (vllm_url, "transformer"),
+             "switchyard-vllm": (serve_url, "transformer"),
+             "switchyard-hf": (f"{serve_url}/hf", "transformer"),
+             "switchyard-mamba": (serve_url, "mamba")}
+    targets = {name: paths[name] for name in TARGETS if name in args.targets}
     results: dict[str, dict[int, dict]] = {t: {} for t in targets}
     out: dict = {}
     try:
-        wait_ready(f"{vllm_url}/health", server)
+        if server:
+            wait_ready(f"{vllm_url}/health", server)
         if "hop" in parts:
             wait_ready(f"{litellm_url}/health/liveliness", proxy, log=proxy_dir / "litellm.log")
             chat_text = prompt_text(GenerationRequest(request_id="hop", messages=HOP_MESSAGES),
@@ -244,7 +266,7 @@ def main() -> None:
             for c in args.concurrency:
                 for name, (base, model) in targets.items():
                     results[name][c] = measure(base, model, tokenizer, c, args.input_len, args.output_len,
-                                               seed=100 + c)
+                                               seed=100 + c, rounds=args.rounds)
                     print(name, c, results[name][c], flush=True)
     finally:
         for process in filter(None, (server, proxy)):
@@ -254,6 +276,9 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
     if "serving" in parts:
+        out = {"input_len": args.input_len, "output_len": args.output_len, "rounds": args.rounds,
+               "results": results, "scaling": scaling(results)} | out
+    if "serving" in parts and {"vllm", "switchyard-vllm"} <= set(targets):
         ratios = {c: {"throughput": round(results["switchyard-vllm"][c]["output_tok_s"]
                                           / results["vllm"][c]["output_tok_s"], 3),
                       "ttft_p50": round(results["switchyard-vllm"][c]["ttft_p50_ms"]
@@ -261,8 +286,7 @@ def main() -> None:
                       "ttft_p50_added_ms": round(results["switchyard-vllm"][c]["ttft_p50_ms"]
                                                  - results["vllm"][c]["ttft_p50_ms"], 1)}
                   for c in args.concurrency}
-        out = {"input_len": args.input_len, "output_len": args.output_len, "results": results,
-               "switchyard_vllm_over_vllm": ratios} | out
+        out["switchyard_vllm_over_vllm"] = ratios
     print(json.dumps(out | {"python": sys.version.split()[0]}))
 
 
