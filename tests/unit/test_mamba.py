@@ -36,6 +36,21 @@ def test_forward_equals_transformers(model):
     assert torch.allclose(logits, model(input_ids=ids).logits, atol=1e-4)
 
 
+def test_chunked_scan_equals_the_differentiable_one_and_transformers(model, monkeypatch):
+    """Without autograd the scan runs in chunks of time steps, in place; 7 steps a chunk here, so 30 tokens
+    make 5 chunks, the last one short."""
+    monkeypatch.setattr(mamba, "SCAN_FLOATS", 7 * 2 * model.config.intermediate_size * model.config.state_size)
+    ids = _ids(4)
+    with torch.inference_mode():
+        chunked, state = mamba.forward(model, ids)
+        expected = model(input_ids=ids).logits
+    trained, trained_state = mamba.forward(model, ids)  # autograd on: the out-of-place path
+    assert torch.allclose(chunked, trained.detach(), atol=1e-5)
+    assert torch.allclose(chunked, expected, atol=1e-4)
+    for ours, theirs in zip(state.ssm, trained_state.ssm):
+        assert torch.allclose(ours, theirs.detach(), atol=1e-5)
+
+
 @torch.inference_mode()
 def test_forward_from_a_state_and_from_a_rolled_back_state(model):
     ids = _ids(1)
