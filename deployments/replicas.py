@@ -19,6 +19,7 @@ A replica taken as dead on a call's word stays so until the controller stops lis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -52,6 +53,7 @@ class ReplicaWatch:
         self.dead: dict[str, dict[str, float]] = {b: {} for b in self.running}  # actor id -> when told
         self._lost: dict[str, asyncio.Event] = {}
         self._task: asyncio.Task | None = None
+        self._polled = asyncio.Event()  # set once a first poll has ended, read or failed
 
     def available(self, name: str) -> bool:
         """True while `name` has a replica that is running and not known dead (or before the first read)."""
@@ -92,6 +94,13 @@ class ReplicaWatch:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._poll())
 
+    async def first_read(self, timeout: float) -> None:
+        """Starts polling and waits for its first poll to end, `timeout` seconds at most: a caller that
+        reports the replicas (/healthz) then says what the controller says, not `unknown`."""
+        self.start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._polled.wait(), timeout)
+
     def stopped(self) -> bool:
         """True when polling started and has ended (it only ends by an error it did not expect)."""
         return self._task is not None and self._task.done()
@@ -102,6 +111,7 @@ class ReplicaWatch:
                 self.update(await asyncio.to_thread(self.fetch))
             except Exception as exc:  # the controller restarting: keep the last view, say so
                 logger.warning("could not read the backends' replicas: %s: %s", type(exc).__name__, exc)
+            self._polled.set()
             await asyncio.sleep(self.poll_s)
 
 

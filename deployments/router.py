@@ -371,7 +371,10 @@ class Router:
     @app.get("/healthz")
     async def healthz(self):
         """The router's view of each backend: `ok`, `circuit open`, `probing` (the circuit's probe is
-        due) or `no live replica`. 200 while some backend can be called, else 503."""
+        due) or `no live replica` (a replica still starting, as a vLLM replica loading its model, is not
+        live). 200 while some backend can be called, else 503."""
+        if self.watching:
+            await self.watch.first_read(timeout=2.0)
         backends = {}
         for name in self.handles:
             breaker = self.breakers[name]

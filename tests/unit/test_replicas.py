@@ -1,6 +1,7 @@
 """The router's view of live replicas (deployments/replicas.py), with a fake controller and clock."""
 
 import asyncio
+import threading
 
 import pytest
 
@@ -119,3 +120,27 @@ def test_the_poll_keeps_the_last_view_when_the_controller_cannot_be_read():
         w._task.cancel()
 
     asyncio.run(main())
+
+
+def test_first_read_starts_polling_and_waits_for_the_controllers_view():
+    async def main():
+        w = ReplicaWatch(["mamba", "transformer"], fetch=lambda: {"mamba": {"a"}, "transformer": set()}, poll_s=60)
+        await w.first_read(timeout=5)
+        return w.live("mamba"), w.available("transformer")
+
+    assert asyncio.run(main()) == (1, False)  # the transformer's replica is starting: listed, not running
+
+
+def test_first_read_gives_up_after_its_timeout_when_the_controller_does_not_answer():
+    answer = threading.Event()
+
+    async def main():
+        w = ReplicaWatch(["mamba"], fetch=lambda: answer.wait(10) and {"mamba": {"a"}}, poll_s=60)
+        await w.first_read(timeout=0.05)
+        unknown = w.live("mamba")
+        answer.set()  # the controller answers late: the poll goes on
+        while w.live("mamba") is None:
+            await asyncio.sleep(0.01)
+        return unknown, w.live("mamba")
+
+    assert asyncio.run(main()) == (None, 1)  # unknown, as before the first read; then read
