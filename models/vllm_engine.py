@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from models.checkpoints import resolve_model
 from models.engine import (Answer, Completion, Delta, Engine, FinishReason, GenerationRequest, InvalidRequest, Logprob,
                            Prompt, prompt_ids, tokenizer_fingerprint)
 from models.structured import SCHEMA, Grammars, entry  # llguidance: a dependency of vLLM's too
@@ -80,6 +81,8 @@ def engine_args(
             raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank {LORA_RANKS[-1]}")
         args.update(enable_lora=True, max_loras=len(adapters), max_lora_rank=min(r for r in LORA_RANKS if r >= rank))
     args.update(engine_kwargs)
+    if spec is not None and spec.get("model"):  # a draft model: the references `model:` takes (embedded:NAME...)
+        args["speculative_config"] = {**spec, "model": resolve_model(spec["model"])}
     return args
 
 

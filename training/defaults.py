@@ -5,7 +5,8 @@ intent classifier are trained (training/lm.py, training/lora.py, training/trm.py
 training/classifier_default.py, training/intent.py) and committed under models/embedded, each with
 a training.json saying how. A config names one as `embedded:NAME`; models.checkpoints.resolve_model
 returns its directory, which the ordinary `from_pretrained` loaders read, the same loaders that read
-real checkpoints.
+real checkpoints. SmolLM2's draft (training/smollm2_draft.py) is committed as its own layers only,
+over SmolLM2's embeddings; resolve_model assembles its directory in the cache.
 
     python -m training.defaults            # list them, with the command that made each
 """

