@@ -199,13 +199,15 @@ class HFEngine(Engine):
         prompt_lookup_tokens: int = 10,
         draft_model: str | None = None,
         draft_tokens: int = 5,
+        stream_interval: int = 1,
+        threads: int | None = None,
     ):
         if speculation not in SPECULATION:
             raise ValueError(f"speculation must be one of {SPECULATION}, not {speculation!r}")
         if speculation == "draft" and draft_model is None:
             raise ValueError("speculation 'draft' needs draft_model")
-        if max_batch_size < 1 or max_loaded_adapters < 1:
-            raise ValueError("max_batch_size and max_loaded_adapters must be at least 1")
+        if min(max_batch_size, max_loaded_adapters, stream_interval, threads or 1) < 1:
+            raise ValueError("max_batch_size, max_loaded_adapters, stream_interval and threads must be at least 1")
         self.model_ref, self.device, self.dtype = model, device, dtype
         self.adapter_paths = dict(adapters or {})
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_ms / 1000
@@ -213,6 +215,9 @@ class HFEngine(Engine):
         self.max_loaded_adapters = max_loaded_adapters
         self.speculation, self.prompt_lookup_tokens = speculation, prompt_lookup_tokens
         self.draft_ref, self.draft_tokens = draft_model, draft_tokens
+        # vLLM's stream_interval: a stream's first token at once, then pieces of this many (and the last)
+        self.stream_interval = stream_interval
+        self.threads = threads  # torch's compute threads; None: what the process has (Ray: its num_cpus)
         self._max_context = max_context
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-generate")
         self.model = self.tokenizer = self.draft = self.draft_lean = None
@@ -236,6 +241,9 @@ class HFEngine(Engine):
     def _load(self) -> None:
         from models.checkpoints import resolve_model  # the draft may be an embedded model too
 
+        if self.threads is not None:  # on the engine thread, which runs every forward (OpenMP's is per thread)
+            torch.set_num_threads(self.threads)
+        self.threads = torch.get_num_threads()
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         model = AutoModelForCausalLM.from_pretrained(self.model_ref, dtype=_DTYPES[self.dtype])
@@ -276,6 +284,8 @@ class HFEngine(Engine):
             "adapters": list(self.adapter_paths),
             "adapters_loaded": list(self._loaded),
             "max_batch_size": self.max_batch_size,
+            "stream_interval": self.stream_interval,
+            "threads": self.threads,
             "speculation": self.speculation,
             "continuous_batching": self.continuous,
             "draft_model": self.draft_ref,
@@ -580,17 +590,22 @@ class HFEngine(Engine):
     # --- engine API ----------------------------------------------------------------
 
     async def _tokens(self, job: _Job) -> AsyncIterator[list[int]]:
-        """The job's tokens as they come, each time all those made since the last (several when the
-        consumer fell behind the engine: one piece then carries them, one message through Serve instead
-        of one per token); cancels the job if the consumer stops early."""
+        """The job's tokens as they come: the first at once, then pieces of `stream_interval` tokens at
+        least, and the rest at the end. A piece takes every token made since the last (more when the
+        consumer fell behind the engine: one message through Serve instead of one per token). Cancels
+        the job if the consumer stops early."""
+        pending: list[int] = []
+        first = True
         try:
             while True:
                 items = [await job.queue.get()]
                 while not job.queue.empty() and items[-1] is not None:
                     items.append(job.queue.get_nowait())
-                tokens = [t for t in items if isinstance(t, int)]
-                if tokens:
-                    yield tokens
+                pending += [t for t in items if isinstance(t, int)]
+                end = items[-1] is None or isinstance(items[-1], Exception)
+                if pending and (first or end or len(pending) >= self.stream_interval):
+                    yield pending
+                    pending, first = [], False
                 if isinstance(items[-1], Exception):
                     raise items[-1]
                 if items[-1] is None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -165,6 +167,51 @@ def test_stream_matches_generate_and_stop_strings_cut(models):
     assert "".join(d.text for d in pieces) == full.text
     assert pieces[-1].finish_reason == full.finish_reason and pieces[-1].completion_tokens == full.completion_tokens
     assert stopped.finish_reason == "stop" and stopped.text == full.text[: full.text.find(stop)]
+
+
+def test_stream_interval_sends_the_first_token_alone_then_pieces_of_that_many(models):
+    """vLLM's stream_interval, on the tokens as the engine hands them over: the first at once, then a
+    piece once 4 are waiting (all of those waiting), the rest at the end."""
+    async def go():
+        engine = HFEngine(models["main"], stream_interval=4)
+        job = SimpleNamespace(queue=asyncio.Queue(), done=False, cancel=threading.Event())
+        pieces = engine._tokens(job)
+        job.queue.put_nowait(7)
+        got = [await anext(pieces)]
+        for token in (8, 9, 10):
+            job.queue.put_nowait(token)
+        waiting = asyncio.ensure_future(anext(pieces))
+        await asyncio.sleep(0.01)
+        held = not waiting.done()  # three tokens wait for a fourth
+        for token in (11, 12):
+            job.queue.put_nowait(token)
+        got.append(await waiting)
+        job.queue.put_nowait(13)
+        job.done = True
+        job.queue.put_nowait(None)
+        got += [piece async for piece in pieces]
+        return held, got
+
+    held, got = run(go())
+    assert held and got == [[7], [8, 9, 10, 11, 12], [13]]
+
+
+@pytest.mark.parametrize("kind", ["main", "mamba"])
+def test_a_stream_in_pieces_has_the_tokens_and_text_of_generate(models, kind):
+    async def go():
+        engine = HFEngine(models[kind], stream_interval=4, threads=1)
+        await engine.start()
+        full = await engine.generate(req(PROMPTS[2], 23, ignore_eos=True))
+        pieces = [d async for d in engine.stream(req(PROMPTS[2], 23, ignore_eos=True))]
+        return full, pieces, engine.info()
+
+    full, pieces, info = run(go())
+    sizes = [len(d.token_ids) for d in pieces if d.token_ids]  # the finishing piece may carry none
+    assert all(n >= 4 for n in sizes[1:-1]) and sum(sizes) == 23  # the first may come alone, the last has the rest
+    assert "".join(d.text for d in pieces) == full.text
+    assert info["stream_interval"] == 4 and info["threads"] == 1
+    with pytest.raises(ValueError, match="stream_interval"):
+        HFEngine(models[kind], stream_interval=0)
 
 
 def test_a_consumer_that_goes_away_stops_its_generation(models):
