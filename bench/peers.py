@@ -21,7 +21,8 @@ own (bench.router_overhead.deploy_direct, given the chat template's text). --hop
 greedy chats, one request at a time, the four paths in a new order each round (bench.router_overhead's
 `interleaved`); the hop is the p50 through it less the p50 straight.
 
-    python -m bench.peers [--only serving|hop] [--targets vllm switchyard-vllm ...] [--concurrency 1 4 16]
+    python -m bench.peers [--only serving|hop] [--targets vllm switchyard-vllm ...] [--config serve_config.yaml]
+                          [--concurrency 1 4 16]
                           [--input-len 256] [--output-len 64] [--rounds 4] [--hop-requests 100]
 
 It installs nothing: `make peers` makes .venv, .venv-vllm and .venv-litellm from the locks.
@@ -203,6 +204,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=PARTS, help="Measure one part: the serving table or the router hop.")
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
+    parser.add_argument("--config", default="serve_config.yaml", help="The serve config Switchyard runs.")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--rounds", type=int, default=4, help="Requests per point: concurrency x this (8 at least).")
     parser.add_argument("--input-len", type=int, default=256)
@@ -219,7 +221,7 @@ def main() -> None:
 
     from deployments.app import build_app
 
-    shipped = AppConfig.from_serve_config()
+    shipped = AppConfig.from_serve_config(args.config)
     transformer = shipped.backend("transformer")
     tokenizer = str(resolve_model(transformer.model))
     hf = shipped.model_dump()
