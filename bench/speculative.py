@@ -42,12 +42,7 @@ HF_METHODS = ("hf_prompt_lookup", "hf_draft")
 
 
 def prompts(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
-    out = []
-    for i, block in enumerate(corpus.heldout_blocks(n, seed, max_lines=12)):
-        broken = corpus.corrupt(block, seed + i) if i % 2 else None
-        task = f"Fix this code:\n{broken[0]}" if broken else f"Rewrite this code:\n{block}"
-        out.append([{"role": "user", "content": task}])
-    return out
+    return corpus.code_chats(corpus.heldout_blocks(n, seed, max_lines=12), seed)
 
 
 async def run(n: int, tokens: int, backend: str = "transformer") -> dict:

@@ -128,24 +128,22 @@ def _scan(dt: torch.Tensor, A: torch.Tensor, x: torch.Tensor, B: torch.Tensor, C
     (keep: (batch, T, inner, N)) or the last one. Under autograd (training) out of place, each step one op (its
     Python cost is the scan's); else in chunks of time steps, each step's state written over its input."""
     batch, steps, inner = dt.shape
-    n = A.shape[-1]
-    if torch.is_grad_enabled():
-        decay = torch.exp(dt[..., None] * A)  # (batch, T, inner, N)
-        push = (dt * x)[..., None] * B[:, :, None, :]
-        h, states = h0, []
-        for a, u in zip(decay.unbind(1), push.unbind(1)):
-            h = torch.addcmul(u, a, h)
-            states.append(h)
-        hs = torch.stack(states, dim=1)
-        return torch.einsum("btdn,btn->btd", hs, C), (hs if keep else h)
-    chunk = steps if keep else max(1, SCAN_FLOATS // (batch * inner * n))
+    grad = torch.is_grad_enabled()
+    chunk = steps if keep or grad else max(1, SCAN_FLOATS // (batch * inner * A.shape[-1]))
     ys, h = [], h0
     for t0 in range(0, steps, chunk):
         part = slice(t0, t0 + chunk)
         hs = (dt[:, part] * x[:, part])[..., None] * B[:, part, None, :]  # the pushes, then the states
-        decay = (dt[:, part, :, None] * A).exp_()
-        for t in range(hs.shape[1]):
-            h = hs[:, t].addcmul_(decay[:, t], h)
+        decay = torch.exp(dt[:, part, :, None] * A)  # (batch, chunk, inner, N)
+        if grad:  # out of place, each step one op (its Python cost is the scan's), stacked
+            states = []
+            for t in range(hs.shape[1]):
+                h = torch.addcmul(hs[:, t], decay[:, t], h)
+                states.append(h)
+            hs = torch.stack(states, dim=1)
+        else:
+            for t in range(hs.shape[1]):
+                h = hs[:, t].addcmul_(decay[:, t], h)
         ys.append(torch.einsum("btdn,btn->btd", hs, C[:, part]))
     return torch.cat(ys, dim=1) if len(ys) > 1 else ys[0], (hs if keep else h)
 

@@ -58,6 +58,17 @@ def blocks_of(text: str, min_lines: int = 3, max_lines: int = 24) -> list[str]:
     return blocks
 
 
+def code_chats(blocks: list[str], seed: int) -> list[list[dict[str, str]]]:
+    """One code-editing chat per block: "Rewrite this code", and every other one a seeded corruption to
+    "Fix" (bench.speculative's prompts on held-out blocks, the SmolLM2 draft's training chats on train ones)."""
+    out = []
+    for i, block in enumerate(blocks):
+        broken = corrupt(block, seed + i) if i % 2 else None
+        task = f"Fix this code:\n{broken[0]}" if broken else f"Rewrite this code:\n{block}"
+        out.append([{"role": "user", "content": task}])
+    return out
+
+
 def heldout_blocks(n: int, seed: int = 0, max_lines: int = 24) -> list[str]:
     """`n` code blocks from held-out files, a seeded sample: prompts no model here trained on."""
     blocks = [b for t in texts("heldout") for b in blocks_of(t, max_lines=max_lines)]

@@ -57,12 +57,7 @@ def chats(n: int, seed: int = SEED, max_lines: int = 12) -> list[list[dict[str, 
     """`n` chats as bench.speculative.prompts makes them (every other one a seeded corruption to fix), from
     blocks of the train split."""
     blocks = [b for t in corpus.texts("train") for b in corpus.blocks_of(t, max_lines=max_lines)]
-    out = []
-    for i, block in enumerate(random.Random(seed).sample(blocks, n)):
-        broken = corpus.corrupt(block, seed + i) if i % 2 else None
-        task = f"Fix this code:\n{broken[0]}" if broken else f"Rewrite this code:\n{block}"
-        out.append([{"role": "user", "content": task}])
-    return out
+    return corpus.code_chats(random.Random(seed).sample(blocks, n), seed)
 
 
 @torch.no_grad()
